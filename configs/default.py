@@ -1,0 +1,109 @@
+"""Default hyperparameters: the Bag-of-Tricks strong baseline on Market-1501.
+
+Every other config starts from `get_config()` here and changes what its recipe
+changes. Values derived from others (steps per epoch, P from the batch size and
+K, the compute dtype) are computed in code, never stored here.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the BoT Market-1501 recipe (softmax + triplet, BNNeck, last stride 1)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data. `dataset` is a name from input_pipeline.catalog; `data_dir` its root.
+  config.dataset = 'market1501'
+  config.data_dir = 'data/Market-1501-v15.09.15'
+  # Optional different test set (e.g. train on Market, test on Partial-iLIDS).
+  config.test_dataset = ''
+  config.test_data_dir = ''
+  # 'folder' reads the original folder tree, 'tfds' the TFRecords of our TFDS builders.
+  config.data_format = 'folder'
+  config.tfds_data_dir = ''
+
+  # Input and augmentation (the baseline's order: resize, flip, pad, crop,
+  # normalise, random erasing).
+  config.input = ml_collections.ConfigDict()
+  config.input.image_size = (256, 128)  # (height, width)
+  config.input.flip_prob = 0.5
+  config.input.padding = 10
+  config.input.random_erasing_prob = 0.5
+  config.input.pixel_mean = (0.485, 0.456, 0.406)
+  config.input.pixel_std = (0.229, 0.224, 0.225)
+
+  # Sampling. 'pk' = RandomIdentitySampler (P identities x K images);
+  # 'shuffle' = plain shuffling (softmax-only training).
+  config.sampler = 'pk'
+  config.batch_size = 64  # global batch, P * K
+  config.num_instances = 4  # K
+
+  # Model.
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'resnet50'
+  config.model.last_stride = 1
+  config.model.neck = 'bnneck'  # or 'no'
+  config.model.neck_feat = 'after'  # test feature: 'after' or 'before' the neck BN
+  config.model.pooling = 'avg'  # or 'gem'
+  config.model.gem_p = 3.0
+  # Converted ImageNet weights (.npz from reid_jax.convert or a torchvision
+  # .pth file); empty: random init. Never downloaded.
+  config.model.pretrained = ''
+
+  # Losses: 'softmax', 'triplet', 'softmax_triplet', 'softmax_triplet_center'.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.type = 'softmax_triplet'
+  config.loss.label_smoothing = 0.1  # epsilon; 0 disables
+  config.loss.triplet_margin = config_dict.FieldReference(0.3, field_type=float)  # None: soft margin
+  config.loss.center_loss_weight = 5e-4
+  config.loss.center_lr = 0.5
+
+  # Optimiser with the baseline's parameter groups (biases get their own lr
+  # factor and weight decay; decay is L2 added to the gradient, as torch's).
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = 'adam'  # or 'sgd'
+  config.optim.base_lr = 3.5e-4
+  config.optim.bias_lr_factor = 1.0
+  config.optim.weight_decay = 5e-4
+  config.optim.weight_decay_bias = 5e-4
+  config.optim.momentum = 0.9  # sgd only
+
+  # Learning-rate schedule, changed per epoch as in the baseline.
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.name = 'warmup_multistep'  # or 'cosine'
+  config.schedule.milestones = (40, 70)
+  config.schedule.gamma = 0.1
+  config.schedule.warmup_factor = 0.01
+  config.schedule.warmup_epochs = 10
+  config.schedule.warmup_method = 'linear'  # or 'constant'
+
+  config.num_epochs = 120
+  # >0 caps the number of steps in an epoch (quick runs); 0 = the sampler's length.
+  config.steps_per_epoch = 0
+
+  # Precision: half_precision picks bfloat16 on TPU/CPU, float16 (with dynamic
+  # loss scaling) on GPU; `dtype` ('float32', 'bfloat16', 'float16') overrides.
+  config.half_precision = False
+  config.dtype = ''
+
+  # Logging, checkpoints, evaluation.
+  config.log_every_steps = 20
+  config.checkpoint_every_epochs = 40
+  config.keep_checkpoints = 3
+  config.eval_every_epochs = 40
+  config.checkpoint = ''  # explicit checkpoint for --eval_only
+
+  config.test = ml_collections.ConfigDict()
+  config.test.batch_size = 128
+  config.test.feat_norm = True
+  config.test.flip = False
+  config.test.max_rank = 50
+  config.test.rerank = False
+  config.test.k1 = 20
+  config.test.k2 = 6
+  config.test.lambda_value = 0.3
+  config.test.report_queries = 10  # worst queries drawn in the report
+  config.test.report_top_k = 10
+  return config
