@@ -1,0 +1,467 @@
+"""ResNet backbones and the BoT re-ID model (BNNeck head) in flax.linen.
+
+Layout follows torchvision's ResNet (v1.5: the stride of a Bottleneck sits on its
+3x3 conv) with explicit symmetric padding, so converted torchvision weights give
+the same outputs as PyTorch (see `reid_jax.convert` for the name mapping).
+Images are NHWC.
+
+Parameter tree of `ReIDModel` (variables `params` and `batch_stats`):
+
+  backbone/conv1, backbone/bn1,
+  backbone/layer{1..4}_{j}/{conv1,bn1,conv2,bn2[,conv3,bn3][,downsample_conv,
+                             downsample_bn]}
+  gem/p                  (pooling='gem' only; learnable GeM exponent)
+  bottleneck             (neck='bnneck' only; BatchNorm1d without bias)
+  classifier/kernel[, classifier/bias]   (bias only for neck='no')
+
+BatchNorm note: flax's BatchNorm updates `batch_stats['var']` with the *biased*
+batch variance, whereas PyTorch's running_var uses the *unbiased* one
+(n / (n - 1) times larger, n = N*H*W). The normalisation of the batch itself in
+training mode is identical (both use the biased variance); only the running
+statistics used at test time differ slightly. We keep flax's behaviour.
+PyTorch momentum 0.1 equals flax momentum 0.9.
+"""
+
+import functools
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# name -> (stage sizes, block type)
+RESNET_SPECS = {
+    'resnet18': ((2, 2, 2, 2), 'basic'),
+    'resnet34': ((3, 4, 6, 3), 'basic'),
+    'resnet50': ((3, 4, 6, 3), 'bottleneck'),
+    'resnet101': ((3, 4, 23, 3), 'bottleneck'),
+    'resnet152': ((3, 8, 36, 3), 'bottleneck'),
+}
+BLOCK_TYPES = ('basic', 'bottleneck')
+NECKS = ('bnneck', 'no')
+NECK_FEATS = ('after', 'before')
+POOLINGS = ('avg', 'gem')
+
+# torchvision's ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'),
+# i.e. an (untruncated) normal with std sqrt(2 / (kh * kw * out_channels)).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# BoT's weights_init_classifier: normal(std=0.001).
+classifier_kernel_init = nn.initializers.normal(stddev=0.001)
+# PyTorch's default nn.Linear init (BoT leaves the neck='no' classifier at it):
+# kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_linear_kernel_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def _torch_linear_bias_init(fan_in: int) -> Callable[..., Array]:
+  """PyTorch's default nn.Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / float(fan_in) ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _check_choice(field: str, value: Any, allowed: Sequence[Any]) -> None:
+  """Raises ValueError naming `field` if `value` is not in `allowed`."""
+  if value not in allowed:
+    raise ValueError(
+        f'Unknown {field}={value!r}; allowed values: {", ".join(map(repr, allowed))}.')
+
+
+def _batch_norm(train: bool, dtype: Dtype, axis_name: Optional[str],
+                name: str, use_bias: bool = True) -> nn.BatchNorm:
+  """The BatchNorm used everywhere (PyTorch defaults: momentum 0.1, eps 1e-5)."""
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      # Two-pass variance (mean of squared deviations): E[x^2] - E[x]^2 loses most
+      # digits when |mean| >> std, which made cross-device and single-device BN differ.
+      use_fast_variance=False,
+      use_bias=use_bias,
+      scale_init=nn.initializers.ones,
+      bias_init=nn.initializers.zeros,
+      axis_name=axis_name,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name)
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: Dtype,
+          name: str) -> nn.Conv:
+  """Bias-free conv with PyTorch's symmetric padding `kernel // 2`."""
+  pad = kernel // 2
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=False,
+      kernel_init=conv_kernel_init,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name)
+
+
+class BasicBlock(nn.Module):
+  """torchvision BasicBlock: 3x3 conv (stride) - BN - ReLU - 3x3 conv - BN, + skip.
+
+  Attributes:
+    planes: output channels.
+    stride: stride of the first 3x3 conv (and of the downsample conv).
+    downsample: whether the skip path is a 1x1 conv + BN.
+    dtype: compute dtype.
+    bn_axis_name: axis name for cross-device BatchNorm statistics.
+  """
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  dtype: Dtype = jnp.float32
+  bn_axis_name: Optional[str] = None
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    """Applies the block.
+
+    Args:
+      x: (N, H, W, C) input.
+      train: use batch statistics (and update running ones) if True.
+
+    Returns:
+      (N, H', W', planes) output.
+    """
+    bn = functools.partial(_batch_norm, train, self.dtype, self.bn_axis_name)
+    out = _conv(self.planes, 3, self.stride, self.dtype, 'conv1')(x)
+    out = nn.relu(bn('bn1')(out))
+    out = _conv(self.planes, 3, 1, self.dtype, 'conv2')(out)
+    out = bn('bn2')(out)
+    identity = x
+    if self.downsample:
+      identity = _conv(self.planes, 1, self.stride, self.dtype,
+                       'downsample_conv')(x)
+      identity = bn('downsample_bn')(identity)
+    return nn.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+  """torchvision Bottleneck (v1.5): 1x1 - 3x3 (stride) - 1x1 (x4), + skip.
+
+  Attributes:
+    planes: width of the 1x1/3x3 convs; output channels are 4 * planes.
+    stride: stride of the 3x3 conv (and of the downsample conv).
+    downsample: whether the skip path is a 1x1 conv + BN.
+    dtype: compute dtype.
+    bn_axis_name: axis name for cross-device BatchNorm statistics.
+  """
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  dtype: Dtype = jnp.float32
+  bn_axis_name: Optional[str] = None
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    """Applies the block.
+
+    Args:
+      x: (N, H, W, C) input.
+      train: use batch statistics (and update running ones) if True.
+
+    Returns:
+      (N, H', W', 4 * planes) output.
+    """
+    bn = functools.partial(_batch_norm, train, self.dtype, self.bn_axis_name)
+    out = _conv(self.planes, 1, 1, self.dtype, 'conv1')(x)
+    out = nn.relu(bn('bn1')(out))
+    out = _conv(self.planes, 3, self.stride, self.dtype, 'conv2')(out)
+    out = nn.relu(bn('bn2')(out))
+    out = _conv(self.planes * 4, 1, 1, self.dtype, 'conv3')(out)
+    out = bn('bn3')(out)
+    identity = x
+    if self.downsample:
+      identity = _conv(self.planes * 4, 1, self.stride, self.dtype,
+                       'downsample_conv')(x)
+      identity = bn('downsample_bn')(identity)
+    return nn.relu(out + identity)
+
+
+class ResNet(nn.Module):
+  """torchvision-layout ResNet backbone without the fc layer.
+
+  Attributes:
+    stage_sizes: number of blocks in layer1..layer4.
+    block: 'basic' or 'bottleneck'.
+    last_stride: stride of layer4 (1 for the re-ID baseline, 2 in torchvision).
+    width: channels of the stem (64 in torchvision); stage i uses width * 2**i.
+    dtype: compute dtype of activations; params and statistics stay float32.
+    bn_axis_name: axis name for cross-device BatchNorm statistics.
+  """
+  stage_sizes: Sequence[int]
+  block: str = 'bottleneck'
+  last_stride: int = 1
+  width: int = 64
+  dtype: Dtype = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    """Computes the final feature map.
+
+    Args:
+      x: (N, H, W, 3) images.
+      train: use batch statistics (and update running ones) if True.
+
+    Returns:
+      (N, H/16 or H/32, W/16 or W/32, C) feature map in `dtype`, with C = 8 * width
+      for 'basic' and 32 * width for 'bottleneck'.
+    """
+    _check_choice('block', self.block, BLOCK_TYPES)
+    _check_choice('last_stride', self.last_stride, (1, 2))
+    block_cls = BasicBlock if self.block == 'basic' else Bottleneck
+    x = jnp.asarray(x, self.dtype)
+    x = _conv(self.width, 7, 2, self.dtype, 'conv1')(x)
+    x = _batch_norm(train, self.dtype, self.bn_axis_name, 'bn1')(x)
+    x = nn.relu(x)
+    x = stem_max_pool(x)
+    in_channels = self.width
+    for i, num_blocks in enumerate(self.stage_sizes):
+      planes = self.width * 2**i
+      stage_stride = 1 if i == 0 else (self.last_stride if i == 3 else 2)
+      for j in range(num_blocks):
+        stride = stage_stride if j == 0 else 1
+        downsample = j == 0 and (stride != 1 or
+                                 in_channels != planes * block_cls.expansion)
+        x = block_cls(
+            planes=planes,
+            stride=stride,
+            downsample=downsample,
+            dtype=self.dtype,
+            bn_axis_name=self.bn_axis_name,
+            name=f'layer{i + 1}_{j}')(x, train)
+        in_channels = planes * block_cls.expansion
+    return x
+
+
+def stem_max_pool(x: Array) -> Array:
+  """torch's MaxPool2d(kernel_size=3, stride=2, padding=1) on NHWC input.
+
+  Args:
+    x: (N, H, W, C) input.
+
+  Returns:
+    (N, ceil(H/2), ceil(W/2), C); the padding acts as -inf as in PyTorch.
+  """
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def resnet(name: str, **kwargs: Any) -> ResNet:
+  """Builds a named torchvision ResNet backbone.
+
+  Args:
+    name: one of RESNET_SPECS ('resnet18', ..., 'resnet152').
+    **kwargs: further ResNet fields (last_stride, dtype, bn_axis_name, width).
+
+  Returns:
+    The ResNet module.
+  """
+  _check_choice('backbone', name, tuple(RESNET_SPECS))
+  stage_sizes, block = RESNET_SPECS[name]
+  return ResNet(stage_sizes=stage_sizes, block=block, **kwargs)
+
+
+class GeneralizedMeanPooling(nn.Module):
+  """GeM pooling with a learnable exponent (fast-reid's GeneralizedMeanPoolingP).
+
+  y = mean_{h,w}(max(x, eps) ** p) ** (1 / p), computed in float32.
+
+  Attributes:
+    init_p: initial value of the learnable exponent `p` (shape (1,)).
+    eps: clamp value before the power.
+  """
+  init_p: float = 3.0
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Pools the spatial dimensions.
+
+    Args:
+      x: (N, H, W, C) feature map.
+
+    Returns:
+      (N, C) float32 pooled features.
+    """
+    p = self.param('p', nn.initializers.constant(self.init_p), (1,), jnp.float32)
+    x = jnp.maximum(x.astype(jnp.float32), self.eps)
+    return jnp.mean(x**p, axis=(1, 2))**(1.0 / p)
+
+
+class ReIDModel(nn.Module):
+  """The BoT strong-baseline model: ResNet + global pooling + (BN)neck + classifier.
+
+  Attributes:
+    num_classes: number of training identities.
+    backbone: one of RESNET_SPECS.
+    last_stride: stride of layer4 (1 or 2).
+    neck: 'bnneck' (BatchNorm1d without bias before the bias-free classifier) or
+      'no' (classifier with bias directly on the pooled feature).
+    neck_feat: test feature, 'after' (BN output) or 'before' (pooled feature)
+      the neck; with neck='no' the pooled feature is always returned.
+    pooling: 'avg' or 'gem' (learnable exponent initialised to `gem_p`).
+    gem_p: initial GeM exponent.
+    dtype: compute dtype of the backbone activations; pooling, neck, classifier
+      and all outputs are float32.
+    bn_axis_name: axis name for cross-device BatchNorm statistics.
+    stage_sizes: optional override of the backbone's blocks per stage (tests,
+      tiny models); None uses the named backbone's.
+    width: stem width of the backbone (64 = torchvision).
+  """
+  num_classes: int
+  backbone: str = 'resnet50'
+  last_stride: int = 1
+  neck: str = 'bnneck'
+  neck_feat: str = 'after'
+  pooling: str = 'avg'
+  gem_p: float = 3.0
+  dtype: Dtype = jnp.float32
+  bn_axis_name: Optional[str] = None
+  stage_sizes: Optional[Tuple[int, ...]] = None
+  width: int = 64
+
+  def __post_init__(self):
+    _check_choice('backbone', self.backbone, tuple(RESNET_SPECS))
+    _check_choice('last_stride', self.last_stride, (1, 2))
+    _check_choice('neck', self.neck, NECKS)
+    _check_choice('neck_feat', self.neck_feat, NECK_FEATS)
+    _check_choice('pooling', self.pooling, POOLINGS)
+    super().__post_init__()
+
+  @property
+  def feature_dim(self) -> int:
+    """Dimension of the pooled feature (2048 for resnet50, 512 for resnet18)."""
+    stage_sizes, block = RESNET_SPECS[self.backbone]
+    num_stages = len(self.stage_sizes or stage_sizes)
+    return self.width * 2**(num_stages - 1) * (4 if block == 'bottleneck' else 1)
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool):
+    """Runs the model.
+
+    Args:
+      x: (N, H, W, 3) normalised images.
+      train: training mode (batch statistics, returns logits).
+
+    Returns:
+      train=True: (logits (N, num_classes) float32, feat (N, D) float32), feat
+        being the pooled feature before the neck (for the triplet loss).
+      train=False: the (N, D) float32 test feature selected by `neck_feat`.
+    """
+    stage_sizes, block = RESNET_SPECS[self.backbone]
+    if self.stage_sizes is not None:
+      stage_sizes = tuple(self.stage_sizes)
+    fmap = ResNet(
+        stage_sizes=stage_sizes,
+        block=block,
+        last_stride=self.last_stride,
+        width=self.width,
+        dtype=self.dtype,
+        bn_axis_name=self.bn_axis_name,
+        name='backbone')(x, train)
+    if self.pooling == 'gem':
+      global_feat = GeneralizedMeanPooling(init_p=self.gem_p, name='gem')(fmap)
+    else:
+      global_feat = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+
+    if self.neck == 'bnneck':
+      # BoT freezes the neck BN's bias at 0: equivalent to having none.
+      feat = _batch_norm(train, jnp.float32, self.bn_axis_name, 'bottleneck',
+                         use_bias=False)(global_feat)
+      classifier = nn.Dense(
+          self.num_classes,
+          use_bias=False,
+          kernel_init=classifier_kernel_init,
+          dtype=jnp.float32,
+          param_dtype=jnp.float32,
+          name='classifier')
+    else:
+      feat = global_feat
+      classifier = nn.Dense(
+          self.num_classes,
+          use_bias=True,
+          kernel_init=torch_linear_kernel_init,
+          bias_init=_torch_linear_bias_init(global_feat.shape[-1]),
+          dtype=jnp.float32,
+          param_dtype=jnp.float32,
+          name='classifier')
+
+    if train:
+      logits = classifier(feat)
+      return logits.astype(jnp.float32), global_feat.astype(jnp.float32)
+    # Create the classifier params at init time even in eval mode.
+    if self.is_initializing():
+      classifier(feat)
+    if self.neck_feat == 'after':
+      return feat.astype(jnp.float32)
+    return global_feat.astype(jnp.float32)
+
+
+def create_model(model_config: Any, num_classes: int, dtype: Dtype = jnp.float32,
+                 bn_axis_name: Optional[str] = None) -> ReIDModel:
+  """Builds the ReIDModel described by `config.model`.
+
+  Args:
+    model_config: `config.model` (fields name, last_stride, neck, neck_feat,
+      pooling, gem_p; optional stage_sizes and width for tiny test models).
+    num_classes: number of training identities.
+    dtype: compute dtype of activations.
+    bn_axis_name: axis name for cross-device BatchNorm statistics (e.g. 'batch'
+      under pmap), None for per-device statistics.
+
+  Returns:
+    The (unbound) model.
+  """
+  get = model_config.get if hasattr(model_config, 'get') else (
+      lambda k, d=None: getattr(model_config, k, d))
+  stage_sizes = get('stage_sizes', None)
+  return ReIDModel(
+      num_classes=num_classes,
+      backbone=model_config.name,
+      last_stride=int(model_config.last_stride),
+      neck=model_config.neck,
+      neck_feat=model_config.neck_feat,
+      pooling=model_config.pooling,
+      gem_p=float(model_config.gem_p),
+      dtype=dtype,
+      bn_axis_name=bn_axis_name,
+      stage_sizes=tuple(stage_sizes) if stage_sizes else None,
+      width=int(get('width', 64) or 64))
+
+
+def initialize(model: nn.Module, rng: Array,
+               image_size: Sequence[int]) -> Tuple[Any, Any]:
+  """Initialises the model variables with a jitted init on a (1, H, W, 3) input.
+
+  Args:
+    model: the module (e.g. from `create_model`).
+    rng: PRNG key.
+    image_size: (height, width).
+
+  Returns:
+    (params, batch_stats) as plain nested dicts of float32 arrays.
+  """
+  height, width = image_size
+  dummy = jnp.zeros((1, height, width, 3), jnp.float32)
+
+  @jax.jit
+  def init(key):
+    return model.init(key, dummy, train=False)
+
+  variables = init(rng)
+  return variables['params'], variables['batch_stats']
