@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.neck_feat = 'after'  # test feature: 'after' or 'before' the neck BN
   config.model.pooling = 'avg'  # or 'gem'
   config.model.gem_p = 3.0
+  # Blocks per stage and base width; () and 64 give the standard ResNet of `name`
+  # (other values build custom, e.g. tiny test, networks of the same block type).
+  config.model.stage_sizes = ()
+  config.model.width = 64
   # Converted ImageNet weights (.npz from reid_jax.convert or a torchvision
   # .pth file); empty: random init. Never downloaded.
   config.model.pretrained = ''

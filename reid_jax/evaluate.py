@@ -43,7 +43,7 @@ def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record
                                     process_count=jax.process_count(), dtype=dtype)
   feats = None
   seen = np.zeros(len(records), bool)
-  for batch in ds:
+  for batch in ds.as_numpy_iterator():
     out = np.asarray(jax.device_get(p_eval_step(state, {'image': batch['image']})))
     mask = np.asarray(batch['mask']).reshape(-1)
     index = np.asarray(batch['index']).reshape(-1)[mask]

@@ -2,22 +2,24 @@
 
 Only parses flags; the work is done by `reid_jax.train`, importable from notebooks.
 Override any config field with `--config.<field>=<value>`; a misspelt field fails.
+On several hosts, start one process per host with the same --coordinator_address,
+--num_processes and each its own --process_id (JAX's distributed runtime).
 """
-
-import logging as py_logging
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from reid_jax import train
-
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 flags.DEFINE_bool('eval_only', False,
                   'Evaluate the latest checkpoint in --workdir (or --config.checkpoint).')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, to run on several hosts (jax.distributed).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (jax.distributed).')
+flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -27,7 +29,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.INFO)
-  py_logging.getLogger('absl').setLevel(py_logging.INFO)
+  # tf.data only: keep TensorFlow off the accelerators JAX uses.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  from reid_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),
+               jax.process_count(), jax.local_devices())
   if FLAGS.eval_only:
     train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
   else:

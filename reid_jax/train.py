@@ -148,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         process_index=jax.process_index(), process_count=jax.process_count(),
         dtype=s.dtype, steps=s.steps_per_epoch)
     skip = step - epoch * s.steps_per_epoch  # resumed inside an epoch
-    for i, batch in enumerate(pipeline.prefetch_to_device(iter(ds), 2)):
+    for i, batch in enumerate(pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2)):
       if i < skip:
         continue
       state_before = state

@@ -1,0 +1,201 @@
+"""End to end: train, checkpoint, resume, evaluate, NaN abort, CLI, on tiny synthetic data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo
+from input_pipeline import pipeline
+from input_pipeline import synthetic
+from reid_jax import checkpoint as checkpoint_lib
+from reid_jax import train
+
+H, W = 64, 32
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('synthetic')
+  synthetic.generate(str(root), seed=3, num_train_ids=8, num_test_ids=6,
+                     train_images_per_id=(4, 6), gallery_images_per_camera=(1, 2),
+                     cameras_per_id=(2, 3), num_distractors=4, num_junk=2, height=H,
+                     width=W, num_workers=0)
+  return str(root)
+
+
+def tiny_config(data_dir, **overrides):
+  """The demo config shrunk to a 1-block-per-stage, width-8 ResNet on 64x32 images."""
+  config = demo.get_config()
+  config.data_dir = data_dir
+  config.input.image_size = (H, W)
+  config.model.stage_sizes = (1, 1, 1, 1)
+  config.model.width = 8
+  config.batch_size = 8
+  config.num_instances = 2
+  config.num_epochs = 2
+  config.steps_per_epoch = 2
+  config.log_every_steps = 1
+  config.checkpoint_every_epochs = 1
+  config.eval_every_epochs = 2
+  config.test.batch_size = 12
+  config.test.report_queries = 3
+  config.test.report_top_k = 4
+  config.test.max_rank = 5
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('workdir'))
+  config = tiny_config(data_dir)
+  results = train.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+def _numpy_market_map(distmat, q_pids, g_pids, q_cams, g_cams):
+  aps = []
+  for i in range(len(q_pids)):
+    order = np.argsort(distmat[i], kind='stable')
+    keep = ~((g_pids[order] == q_pids[i]) & (g_cams[order] == q_cams[i]))
+    matches = (g_pids[order] == q_pids[i])[keep]
+    if not matches.any():
+      continue
+    hits = np.flatnonzero(matches)
+    aps.append(np.mean([(k + 1) / (r + 1) for k, r in enumerate(hits)]))
+  return float(np.mean(aps))
+
+
+def test_training_writes_checkpoints_results_reports_and_events(trained):
+  config, workdir, results = trained
+  manager = checkpoint_lib.create_manager(workdir)
+  assert manager.all_steps() == [2, 4]
+  with open(os.path.join(workdir, 'eval_results.json')) as f:
+    saved = json.load(f)
+  assert saved['step'] == 4
+  for key in ('rank1', 'rank5', 'mAP', 'mINP'):
+    assert 0.0 <= saved[key] <= 1.0 and saved[key] == pytest.approx(results[key])
+  for name in ('worst_queries.png', 'cmc.png'):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+
+
+def test_reported_map_equals_plain_model_apply_and_numpy_map(trained, data_dir):
+  """Features by model.apply on PIL-loaded images (no tf.data) and a numpy mAP loop."""
+  config, workdir, results = trained
+  s = train.setup(config)
+  state = checkpoint_lib.restore(checkpoint_lib.create_manager(workdir), s.state)
+  model = s.state.apply_fn
+
+  def embed(records):
+    mean, std = np.array(config.input.pixel_mean), np.array(config.input.pixel_std)
+    images = np.stack([(np.asarray(Image.open(r.path).convert('RGB'), np.float32) / 255
+                        - mean) / std for r in records]).astype(np.float32)
+    variables = {'params': {k: v for k, v in state.params.items() if k != 'center'},
+                 'batch_stats': state.batch_stats}
+    feats = np.asarray(model(variables, images, train=False))
+    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+
+  q, g = s.test_set.query, s.test_set.gallery
+  qf, gf = embed(q), embed(g)
+  distmat = (qf ** 2).sum(1)[:, None] + (gf ** 2).sum(1)[None] - 2 * qf @ gf.T
+  expected = _numpy_market_map(distmat, np.array([r.pid for r in q]),
+                               np.array([r.pid for r in g]), np.array([r.camid for r in q]),
+                               np.array([r.camid for r in g]))
+  assert results['mAP'] == pytest.approx(expected, abs=1e-4)
+
+
+def test_rerun_resumes_from_latest_checkpoint(trained, data_dir):
+  config, workdir, _ = trained
+  longer = tiny_config(data_dir, num_epochs=3)
+  train.train_and_evaluate(longer, workdir)
+  manager = checkpoint_lib.create_manager(workdir)
+  assert manager.latest_step() == 6  # one more epoch of 2 steps, not three
+
+
+def test_eval_only_restores_and_writes_results(trained):
+  config, workdir, results = trained
+  os.remove(os.path.join(workdir, 'eval_results.json'))
+  rerank_config = tiny_config(config.data_dir, **{'test.rerank': True})
+  out = train.evaluate_checkpoint(rerank_config, workdir,
+                                  checkpoint=os.path.join(workdir, 'checkpoints', '4'))
+  assert out['step'] == 4
+  assert out['mAP'] == pytest.approx(results['mAP'], abs=1e-6)
+  assert 0.0 <= out['rerank_mAP'] <= 1.0
+  with open(os.path.join(workdir, 'eval_results.json')) as f:
+    assert json.load(f)['rerank_mAP'] == pytest.approx(out['rerank_mAP'])
+
+
+def test_eval_only_without_checkpoint_is_a_clear_error(data_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match='No checkpoint in'):
+    train.evaluate_checkpoint(tiny_config(data_dir), str(tmp_path))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_dir, tmp_path,
+                                                                 monkeypatch):
+  original = pipeline.create_train_dataset
+
+  def poisoned(records, config, *, epoch, **kwargs):
+    ds = original(records, config, epoch=epoch, **kwargs)
+    if epoch == 1:
+      ds = ds.map(lambda b: {**b, 'image': b['image'] * float('nan')})
+    return ds
+
+  monkeypatch.setattr(pipeline, 'create_train_dataset', poisoned)
+  config = tiny_config(data_dir, checkpoint_every_epochs=10, eval_every_epochs=10)
+  with pytest.raises(train.NonFiniteLossError, match=r'at step 3: .*ce_loss=nan'):
+    train.train_and_evaluate(config, str(tmp_path))
+  manager = checkpoint_lib.create_manager(str(tmp_path))
+  assert manager.all_steps() == [2]
+  restored = checkpoint_lib.restore(manager, train.setup(config).state)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+
+
+def _run_cli(*args):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, '-m', 'reid_jax.main', *args], cwd=repo,
+                        capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_rejects_misspelt_config_field(tmp_path):
+  proc = _run_cli('--config=configs/demo.py', f'--workdir={tmp_path}',
+                  '--config.optim.base_lrr=0.1')
+  assert proc.returncode != 0
+  assert 'base_lrr' in proc.stderr and 'base_lr' in proc.stderr
+
+
+def test_cli_eval_only(trained, tmp_path):
+  config, workdir, results = trained
+  proc = _run_cli('--config=configs/demo.py', f'--workdir={tmp_path}', '--eval_only',
+                  f'--config.data_dir={config.data_dir}', '--config.input.image_size=(64, 32)',
+                  '--config.model.stage_sizes=(1, 1, 1, 1)', '--config.model.width=8',
+                  '--config.batch_size=8', '--config.num_instances=2',
+                  '--config.test.batch_size=12', '--config.test.max_rank=5',
+                  f'--config.checkpoint={workdir}/checkpoints/4')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'mAP' in proc.stdout and 'Rank-1' in proc.stdout
+  with open(tmp_path / 'eval_results.json') as f:
+    assert json.load(f)['mAP'] == pytest.approx(results['mAP'], abs=1e-6)
+
+
+def test_cli_mismatched_checkpoint_is_a_clear_error(trained, tmp_path):
+  config, workdir, _ = trained
+  proc = _run_cli('--config=configs/demo.py', f'--workdir={tmp_path}', '--eval_only',
+                  f'--config.data_dir={config.data_dir}', '--config.input.image_size=(64, 32)',
+                  '--config.model.stage_sizes=(1, 1, 1, 1)', '--config.model.width=16',
+                  '--config.batch_size=8', '--config.num_instances=2',
+                  '--config.test.batch_size=12', f'--config.checkpoint={workdir}')
+  assert proc.returncode != 0
+  assert 'does not match the model' in proc.stderr
