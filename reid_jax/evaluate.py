@@ -157,8 +157,9 @@ def run_evaluation(p_eval_step: Callable, state: Any, test_set: ReIDDataset,
       json.dump(results, f, indent=2, sort_keys=True)
     if write_reports:
       _write_reports(workdir, test_set, arrays, config.test)
-  logging.info('Evaluation at step %d on %s (%d query, %d gallery):\n%s', results['step'],
-               test_set.name, num_q, len(test_set.gallery), format_results(results))
+  logging.info('Evaluation at step %d on %s (%d query, %d gallery): mAP %.4f, rank-1 %.4f '
+               'in %.1f s.', results['step'], test_set.name, num_q, len(test_set.gallery),
+               results['mAP'], results.get('rank1', float('nan')), results['eval_seconds'])
   return results
 
 

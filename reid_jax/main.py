@@ -6,6 +6,8 @@ On several hosts, start one process per host with the same --coordinator_address
 --num_processes and each its own --process_id (JAX's distributed runtime).
 """
 
+import logging as py_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -25,10 +27,18 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietCheckpointLogs(py_logging.Filter):
+  """Drops orbax's per-save INFO lines; its warnings and errors still show."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   # tf.data only: keep TensorFlow off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
