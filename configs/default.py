@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 'folder' reads the original folder tree, 'tfds' the TFRecords of our TFDS builders.
   config.data_format = 'folder'
   config.tfds_data_dir = ''
+  # Decode every image once at start-up and skip (with a warning) corrupt ones.
+  config.verify_images = False
 
   # Input and augmentation (the baseline's order: resize, flip, pad, crop,
   # normalise, random erasing).

@@ -287,3 +287,24 @@ def read_tfds_dataset(name: str, data_dir: str | None = None,
                     if split in builder.info.splits else ())
             for split in base.SPLITS}
   return ReIDDataset(name=name, **splits)
+
+
+def encoded_images(name: str, split: str, data_dir: str | None = None) -> list[bytes]:
+  """The encoded image bytes of a prepared split, in index (record) order.
+
+  With `pipeline.in_memory_loader` this lets training and evaluation read the
+  images from the TFRecord shards instead of the original folder.
+
+  Args:
+    name: a key of `catalog.DATASETS`.
+    split: 'train', 'query' or 'gallery'.
+    data_dir: TFDS data dir.
+
+  Returns:
+    encoded[i] is the image of the split's record i.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  dataset = as_tf_dataset(name, split, data_dir).map(
+      lambda ex: {'index': ex['index'], 'image': ex['image']})
+  items = sorted((int(ex['index']), bytes(ex['image'])) for ex in tfds.as_numpy(dataset))
+  return [image for _, image in items]

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import ml_collections
@@ -24,7 +24,8 @@ from input_pipeline.records import ReIDDataset, Record
 
 
 def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record],
-                     config: ml_collections.ConfigDict, dtype: Any) -> np.ndarray:
+                     config: ml_collections.ConfigDict, dtype: Any,
+                     load_image: Optional[Callable] = None) -> np.ndarray:
   """Embeds every record once, in order.
 
   Args:
@@ -33,6 +34,7 @@ def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record
     records: images to embed.
     config: the run's config (config.test.batch_size, config.input).
     dtype: the compute dtype images are cast to.
+    load_image: image reader hook of `pipeline.create_eval_dataset` (TFDS data).
 
   Returns:
     float32 features (len(records), D) in the order of `records`.
@@ -40,7 +42,8 @@ def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record
   num_local = jax.local_device_count()
   ds = pipeline.create_eval_dataset(records, config, num_local_devices=num_local,
                                     process_index=jax.process_index(),
-                                    process_count=jax.process_count(), dtype=dtype)
+                                    process_count=jax.process_count(), dtype=dtype,
+                                    load_image=load_image)
   feats = None
   seen = np.zeros(len(records), bool)
   for batch in ds.as_numpy_iterator():
@@ -128,7 +131,8 @@ def format_results(results: dict) -> str:
 
 def run_evaluation(p_eval_step: Callable, state: Any, test_set: ReIDDataset,
                    config: ml_collections.ConfigDict, workdir: str, dtype: Any,
-                   write_reports: bool = True) -> dict:
+                   write_reports: bool = True,
+                   load_image: Optional[Callable] = None) -> dict:
   """Embeds query and gallery, scores them, writes JSON and pictures to the workdir.
 
   Args:
@@ -139,13 +143,14 @@ def run_evaluation(p_eval_step: Callable, state: Any, test_set: ReIDDataset,
     workdir: where `eval_results.json`, `worst_queries.png` and `cmc.png` go.
     dtype: the compute dtype.
     write_reports: draw the PNG reports (process 0 only).
+    load_image: image reader hook for TFDS data (None: read the record paths).
 
   Returns:
     The results dict (see `score`) with the step.
   """
   start = time.time()
   feats = extract_features(p_eval_step, state, list(test_set.query) + list(test_set.gallery),
-                           config, dtype)
+                           config, dtype, load_image)
   num_q = len(test_set.query)
   results, arrays = score(feats[:num_q], feats[num_q:], test_set.query, test_set.gallery,
                           config.test)
@@ -155,8 +160,11 @@ def run_evaluation(p_eval_step: Callable, state: Any, test_set: ReIDDataset,
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
       json.dump(results, f, indent=2, sort_keys=True)
-    if write_reports:
+    if write_reports and all(os.path.exists(r.path) for r in test_set.query[:1]):
       _write_reports(workdir, test_set, arrays, config.test)
+    elif write_reports:
+      logging.warning('Image files of %s are not reachable (TFDS data without its '
+                      'folder): no worst-query picture.', test_set.name)
   logging.info('Evaluation at step %d on %s (%d query, %d gallery): mAP %.4f, rank-1 %.4f '
                'in %.1f s.', results['step'], test_set.name, num_q, len(test_set.gallery),
                results['mAP'], results.get('rank1', float('nan')), results['eval_seconds'])

@@ -4,7 +4,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -38,6 +38,20 @@ class Setup:
   dtype: Any
   steps_per_epoch: int
   learning_rate_fn: Any
+  # Image readers for TFDS-prepared data (None: read the record paths).
+  train_loader: Optional[Callable] = None
+  test_loader: Optional[Callable] = None
+
+
+def tfds_loaders(config: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
+  """Readers of the train and query+gallery images from the TFDS TFRecord shards."""
+  from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
+  data_dir = config.tfds_data_dir or None
+  test_name = config.test_dataset or config.dataset
+  train = tfds_builders.encoded_images(config.dataset, 'train', data_dir)
+  test = (tfds_builders.encoded_images(test_name, 'query', data_dir)
+          + tfds_builders.encoded_images(test_name, 'gallery', data_dir))
+  return pipeline.in_memory_loader(train), pipeline.in_memory_loader(test)
 
 
 def feature_dim(model: models.ReIDModel, image_size: tuple[int, int]) -> int:
@@ -85,8 +99,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                '%d devices, compute dtype %s.', config.model.name, train_set.name,
                num_classes, len(train_set.train), steps_per_epoch, num_devices,
                np.dtype(dtype).name)
+  loaders = tfds_loaders(config) if config.data_format == 'tfds' else (None, None)
   return Setup(train_set, test_set, state, p_train_step, p_eval_step, dtype,
-               steps_per_epoch, learning_rate_fn)
+               steps_per_epoch, learning_rate_fn, *loaders)
 
 
 def models_pretrained(path: str, state: step_lib.TrainState) -> tuple[Any, Any]:
@@ -146,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ds = pipeline.create_train_dataset(
         s.train_set.train, config, epoch=epoch, num_local_devices=num_local,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        dtype=s.dtype, steps=s.steps_per_epoch)
+        dtype=s.dtype, steps=s.steps_per_epoch, load_image=s.train_loader)
     skip = step - epoch * s.steps_per_epoch  # resumed inside an epoch
     for i, batch in enumerate(pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2)):
       if i < skip:
@@ -169,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoint_lib.save(manager, state)
     if epoch_done % config.eval_every_epochs == 0 or epoch_done == config.num_epochs:
       results = evaluate_lib.run_evaluation(s.p_eval_step, state, s.test_set, config,
-                                            workdir, s.dtype)
+                                            workdir, s.dtype, load_image=s.test_loader)
       writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()
                                   if isinstance(v, float)})
       writer.flush()
@@ -177,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.flush()
   if not results:  # nothing left to train: evaluate the restored state
     results = evaluate_lib.run_evaluation(s.p_eval_step, state, s.test_set, config,
-                                          workdir, s.dtype)
+                                          workdir, s.dtype, load_image=s.test_loader)
   print(evaluate_lib.format_results(results), flush=True)
   return results
 
@@ -210,6 +225,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
           '--config.checkpoint=PATH.')
     state = checkpoint_lib.restore(manager, s.state)
   results = evaluate_lib.run_evaluation(s.p_eval_step, state, s.test_set, config, workdir,
-                                        s.dtype)
+                                        s.dtype, load_image=s.test_loader)
   print(evaluate_lib.format_results(results), flush=True)
   return results

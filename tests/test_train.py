@@ -162,6 +162,29 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_dir, tmp_p
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
 
 
+def test_training_reads_tfds_records_without_the_image_folder(data_dir, tmp_path):
+  """data_format='tfds': images come from the TFRecord shards, not the folder."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / 'market'
+  shutil.copytree(data_dir, folder)
+  tfds_dir = str(tmp_path / 'tfds')
+  tfds_builders.prepare('market1501', str(folder), tfds_dir)
+  config = tiny_config(str(folder), data_format='tfds', tfds_data_dir=tfds_dir,
+                       num_epochs=1, eval_every_epochs=1)
+  s = train.setup(config)  # reads the records (relative to the folder) from TFDS
+  shutil.rmtree(folder)
+  assert s.train_loader is not None and s.test_loader is not None
+  state, _ = s.p_train_step(s.state, next(pipeline.create_train_dataset(
+      s.train_set.train, config, epoch=0, num_local_devices=jax.local_device_count(),
+      dtype=s.dtype, load_image=s.train_loader).as_numpy_iterator()))
+  results = train.evaluate_lib.run_evaluation(
+      s.p_eval_step, state, s.test_set, config, str(tmp_path / 'wd'), s.dtype,
+      load_image=s.test_loader)
+  assert 0.0 <= results['mAP'] <= 1.0
+  assert not (tmp_path / 'wd' / 'worst_queries.png').exists()
+
+
 def _run_cli(*args):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
