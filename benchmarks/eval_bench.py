@@ -1,0 +1,377 @@
+"""Time and peak memory of evaluation and re-ranking at Market-1501 / MSMT17 size.
+
+Every stage runs in its own subprocess so that its peak RSS is its own: the
+stage loads its inputs, resets the kernel's high-water mark
+(/proc/self/clear_refs), runs, and reports wall time, the peak RSS *during*
+the stage (VmHWM after the reset) and the process's overall peak (ru_maxrss).
+Synthetic features are clustered by identity (plus a camera offset) so the
+metrics are far from trivial.
+
+Stages (Market size, 3,368 queries x 15,913 gallery, 2048-d):
+  distance       eval.distance.euclidean_distance (squared, as BoT)
+  evaluate       eval.metrics.evaluate, first call (with compilation) and warm
+  evaluate_numpy torchreid/BoT per-query numpy loop, same distance matrix
+  rerank         eval.rerank.re_ranking
+  rerank_numpy   the standard dense numpy re-ranking (float32 V), same features
+and at MSMT17 size (11,659 x 82,161, 2048-d):
+  rerank_msmt    eval.rerank.re_ranking, then eval.metrics.evaluate on its
+                 (11,659 x 82,161) output
+
+Usage:
+  .venv/bin/python benchmarks/eval_bench.py [--skip_numpy] [--skip_msmt]
+      [--skip_market] [--workdir DIR] [--json OUT]
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+MARKET = dict(num_query=3368, num_gallery=15913, num_ids=750, num_distractors=2793,
+              num_cams=6)
+MSMT = dict(num_query=11659, num_gallery=82161, num_ids=3060, num_distractors=0,
+            num_cams=15)
+
+
+# ----------------------------------------------------------------------------
+# Synthetic data.
+
+
+def make_problem(seed: int, num_query: int, num_gallery: int, num_ids: int,
+                 num_distractors: int, num_cams: int, dim: int = 2048,
+                 noise: float = 3.2, cam_offset: float = 0.5) -> dict[str, np.ndarray]:
+  """Clustered unit-norm features with identities and cameras.
+
+  Each feature is normalise(centre[pid] + cam_offset * camera[cam] + noise * z)
+  with unit centres and camera directions and z ~ N(0, I / dim); distractors
+  (pid 0, gallery only) are random directions.
+
+  Args:
+    seed: random seed.
+    num_query: number of queries.
+    num_gallery: number of gallery images (including distractors).
+    num_ids: number of identities (1..num_ids).
+    num_distractors: gallery images with pid 0.
+    num_cams: number of cameras.
+    dim: feature size.
+    noise: noise norm relative to the identity centre.
+    cam_offset: norm of the per-camera offset.
+
+  Returns:
+    Dict with q_feats, g_feats (float32), q_pids, g_pids, q_camids, g_camids.
+  """
+  rng = np.random.default_rng(seed)
+
+  def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  centres = unit(rng.standard_normal((num_ids + 1, dim), dtype=np.float32))
+  cams = unit(rng.standard_normal((num_cams, dim), dtype=np.float32))
+  q_pids = rng.integers(1, num_ids + 1, num_query)
+  g_pids = np.concatenate([rng.integers(1, num_ids + 1, num_gallery - num_distractors),
+                           np.zeros(num_distractors, np.int64)])
+  q_camids = rng.integers(0, num_cams, num_query)
+  g_camids = rng.integers(0, num_cams, num_gallery)
+
+  def feats(pids, camids):
+    out = np.empty((len(pids), dim), np.float32)
+    for start in range(0, len(pids), 8192):  # bounded temporaries
+      p, c = pids[start:start + 8192], camids[start:start + 8192]
+      x = rng.standard_normal((len(p), dim), dtype=np.float32) * (noise / np.sqrt(dim))
+      base = np.where((p == 0)[:, None], unit(rng.standard_normal((len(p), dim),
+                                                                  dtype=np.float32)),
+                      centres[p])
+      out[start:start + 8192] = unit(base + cam_offset * cams[c] + x)
+    return out
+
+  return dict(q_feats=feats(q_pids, q_camids), g_feats=feats(g_pids, g_camids),
+              q_pids=q_pids, g_pids=g_pids, q_camids=q_camids, g_camids=g_camids)
+
+
+# ----------------------------------------------------------------------------
+# Reference numpy implementations (what the PyTorch baselines run).
+
+
+def numpy_eval(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
+  """torchreid eval_market1501 / BoT eval_func (with AGW's mINP), numpy loop."""
+  num_q, num_g = distmat.shape
+  max_rank = min(max_rank, num_g)
+  indices = np.argsort(distmat, axis=1)
+  matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
+  all_cmc, all_ap, all_inp = [], [], []
+  for q_idx in range(num_q):
+    order = indices[q_idx]
+    remove = (g_pids[order] == q_pids[q_idx]) & (g_camids[order] == q_camids[q_idx])
+    raw_cmc = matches[q_idx][np.invert(remove)]
+    if not np.any(raw_cmc):
+      continue
+    cmc = raw_cmc.cumsum()
+    pos_idx = np.where(raw_cmc == 1)
+    max_pos_idx = np.max(pos_idx)
+    all_inp.append(cmc[max_pos_idx] / (max_pos_idx + 1.0))
+    cmc[cmc > 1] = 1
+    all_cmc.append(cmc[:max_rank])
+    num_rel = raw_cmc.sum()
+    tmp_cmc = raw_cmc.cumsum()
+    tmp_cmc = [x / (i + 1.0) for i, x in enumerate(tmp_cmc)]
+    tmp_cmc = np.asarray(tmp_cmc) * raw_cmc
+    all_ap.append(tmp_cmc.sum() / num_rel)
+  all_cmc = np.asarray(all_cmc).astype(np.float32).sum(0) / len(all_ap)
+  return all_cmc, np.mean(all_ap), np.mean(all_inp)
+
+
+def numpy_re_ranking(prob_fea, gal_fea, k1=20, k2=6, lambda_value=0.3):
+  """The standard numpy k-reciprocal re-ranking on features (float32 V)."""
+  query_num = prob_fea.shape[0]
+  feat = np.concatenate([prob_fea, gal_fea]).astype(np.float32)
+  all_num = feat.shape[0]
+  sq = np.sum(feat ** 2, axis=1, keepdims=True)
+  original_dist = sq + sq.T
+  original_dist -= 2 * feat @ feat.T
+  del feat, sq
+  gallery_num = original_dist.shape[0]
+  original_dist = np.transpose(original_dist / np.max(original_dist, axis=0))
+  V = np.zeros_like(original_dist).astype(np.float32)
+  initial_rank = np.argsort(original_dist).astype(np.int32)
+  for i in range(all_num):
+    forward_k_neigh_index = initial_rank[i, :k1 + 1]
+    backward_k_neigh_index = initial_rank[forward_k_neigh_index, :k1 + 1]
+    fi = np.where(backward_k_neigh_index == i)[0]
+    k_reciprocal_index = forward_k_neigh_index[fi]
+    k_reciprocal_expansion_index = k_reciprocal_index
+    for j in range(len(k_reciprocal_index)):
+      candidate = k_reciprocal_index[j]
+      candidate_forward_k_neigh_index = initial_rank[candidate, :int(np.around(k1 / 2)) + 1]
+      candidate_backward_k_neigh_index = initial_rank[candidate_forward_k_neigh_index,
+                                                      :int(np.around(k1 / 2)) + 1]
+      fi_candidate = np.where(candidate_backward_k_neigh_index == candidate)[0]
+      candidate_k_reciprocal_index = candidate_forward_k_neigh_index[fi_candidate]
+      if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2 / 3 * len(
+          candidate_k_reciprocal_index):
+        k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index,
+                                                 candidate_k_reciprocal_index)
+    k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
+    weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
+    V[i, k_reciprocal_expansion_index] = weight / np.sum(weight)
+  original_dist = original_dist[:query_num,]
+  if k2 != 1:
+    V_qe = np.zeros_like(V, dtype=np.float32)
+    for i in range(all_num):
+      V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
+    V = V_qe
+    del V_qe
+  del initial_rank
+  invIndex = []
+  for i in range(gallery_num):
+    invIndex.append(np.where(V[:, i] != 0)[0])
+  jaccard_dist = np.zeros_like(original_dist, dtype=np.float32)
+  for i in range(query_num):
+    temp_min = np.zeros(shape=[1, gallery_num], dtype=np.float32)
+    indNonZero = np.where(V[i, :] != 0)[0]
+    indImages = [invIndex[ind] for ind in indNonZero]
+    for j in range(len(indNonZero)):
+      temp_min[0, indImages[j]] = temp_min[0, indImages[j]] + np.minimum(
+          V[i, indNonZero[j]], V[indImages[j], indNonZero[j]])
+    jaccard_dist[i] = 1 - temp_min / (2 - temp_min)
+  final_dist = jaccard_dist * (1 - lambda_value) + original_dist * lambda_value
+  return final_dist[:query_num, query_num:]
+
+
+# ----------------------------------------------------------------------------
+# Stages (each in its own process).
+
+
+def _rss_kb(field: str) -> int:
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith(field + ':'):
+        return int(line.split()[1])
+  return -1
+
+
+def _reset_peak() -> bool:
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+class _Meter:
+  """Wall time, CPU time (user + system, all threads) and peak RSS of a stage.
+
+  The peak is measured after the stage's inputs are loaded: the high-water mark
+  is reset on entry, so `peak_rss_gb` includes the inputs already resident
+  (`rss_before_gb`) plus what the stage adds.
+  """
+
+  def __enter__(self):
+    self.rss_before_gb = _rss_kb('VmRSS') / 2**20
+    self.reset = _reset_peak()
+    self.cpu0 = os.times()
+    self.t0 = time.perf_counter()
+    return self
+
+  def __exit__(self, *exc):
+    self.seconds = time.perf_counter() - self.t0
+    cpu1 = os.times()
+    self.cpu_seconds = (cpu1.user - self.cpu0.user) + (cpu1.system - self.cpu0.system)
+    self.peak_gb = _rss_kb('VmHWM') / 2**20 if self.reset else float('nan')
+    self.process_peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return False
+
+  def record(self) -> dict[str, float]:
+    return dict(seconds=round(self.seconds, 3), cpu_seconds=round(self.cpu_seconds, 3),
+                rss_before_gb=round(self.rss_before_gb, 3),
+                peak_rss_gb=round(self.peak_gb, 3),
+                process_peak_rss_gb=round(self.process_peak_gb, 3))
+
+
+def _load(workdir: pathlib.Path, name: str) -> np.ndarray:
+  return np.load(workdir / f'{name}.npy')
+
+
+def _labels(workdir):
+  return [_load(workdir, n) for n in ('q_pids', 'g_pids', 'q_camids', 'g_camids')]
+
+
+def run_stage(stage: str, workdir: pathlib.Path, block_size: int) -> dict:
+  """Runs one stage in this process; returns its measurements."""
+  from eval import distance, metrics, rerank  # pylint: disable=g-import-not-at-top
+  rec: dict = {'stage': stage}
+  if stage == 'distance':
+    q, g = _load(workdir, 'q_feats'), _load(workdir, 'g_feats')
+    distance.euclidean_distance(q[:1024], g)  # compile outside the measurement
+    with _Meter() as m:
+      d = distance.euclidean_distance(q, g)
+    rec.update(m.record())
+    np.save(workdir / 'distmat.npy', d)
+  elif stage == 'evaluate':
+    d = _load(workdir, 'distmat')
+    labels = _labels(workdir)
+    with _Meter() as m:
+      cmc, mean_ap, minp = metrics.evaluate(d, *labels, block_size=block_size)
+    rec.update(first_call=m.record())
+    with _Meter() as m:
+      cmc, mean_ap, minp = metrics.evaluate(d, *labels, block_size=block_size)
+    rec.update(warm_call=m.record())
+    rec.update(rank1=float(cmc[0]), rank5=float(cmc[4]), mAP=mean_ap, mINP=minp)
+    np.save(workdir / 'cmc_jax.npy', cmc)
+    with open(workdir / 'metrics_jax.json', 'w') as f:
+      json.dump(dict(mAP=mean_ap, mINP=minp), f)
+  elif stage == 'evaluate_numpy':
+    d = _load(workdir, 'distmat')
+    labels = _labels(workdir)
+    with _Meter() as m:
+      cmc, mean_ap, minp = numpy_eval(d, *labels)
+    rec.update(m.record())
+    rec.update(rank1=float(cmc[0]), mAP=float(mean_ap), mINP=float(minp))
+    if (workdir / 'cmc_jax.npy').exists():
+      ref = json.loads((workdir / 'metrics_jax.json').read_text())
+      rec.update(max_abs_diff_cmc=float(np.abs(cmc - _load(workdir, 'cmc_jax')).max()),
+                 abs_diff_mAP=abs(float(mean_ap) - ref['mAP']),
+                 abs_diff_mINP=abs(float(minp) - ref['mINP']))
+  elif stage == 'rerank':
+    q, g = _load(workdir, 'q_feats'), _load(workdir, 'g_feats')
+    with _Meter() as m:
+      out = rerank.re_ranking(q, g, 20, 6, 0.3)
+    rec.update(m.record())
+    np.save(workdir / 'rerank_jax.npy', out)
+    cmc, mean_ap, minp = metrics.evaluate(out, *_labels(workdir))
+    rec.update(rank1=float(cmc[0]), mAP=mean_ap, mINP=minp)
+  elif stage == 'rerank_numpy':
+    q, g = _load(workdir, 'q_feats'), _load(workdir, 'g_feats')
+    with _Meter() as m:
+      out = numpy_re_ranking(q, g, 20, 6, 0.3)
+    rec.update(m.record())
+    if (workdir / 'rerank_jax.npy').exists():
+      rec.update(max_abs_diff=float(np.abs(out - _load(workdir, 'rerank_jax')).max()))
+  elif stage == 'rerank_msmt':
+    with _Meter() as m_gen:
+      prob = make_problem(1, **MSMT)
+    rec.update(generate=m_gen.record())
+    q, g = prob.pop('q_feats'), prob.pop('g_feats')
+    with _Meter() as m:
+      out = rerank.re_ranking(q, g, 20, 6, 0.3)
+    rec.update(m.record())
+    del q, g
+    labels = (prob['q_pids'], prob['g_pids'], prob['q_camids'], prob['g_camids'])
+    with _Meter() as m_eval:
+      cmc, mean_ap, minp = metrics.evaluate(out, *labels, block_size=block_size)
+    rec.update(evaluate_first_call=m_eval.record())
+    with _Meter() as m_eval:
+      cmc, mean_ap, minp = metrics.evaluate(out, *labels, block_size=block_size)
+    rec.update(evaluate_warm_call=m_eval.record())
+    rec.update(rank1=float(cmc[0]), mAP=mean_ap, mINP=minp)
+  else:
+    raise ValueError(f'Unknown stage {stage!r}')
+  return rec
+
+
+def _spawn(stage: str, workdir: pathlib.Path, block_size: int) -> dict:
+  """Runs a stage in a fresh interpreter and returns its JSON record."""
+  cmd = [sys.executable, os.path.abspath(__file__), '--stage', stage, '--workdir',
+         str(workdir), '--block_size', str(block_size)]
+  print(f'[eval_bench] {stage} ...', file=sys.stderr, flush=True)
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    return {'stage': stage, 'error': proc.stderr[-2000:]}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+  """Parses flags and runs the benchmark (or a single stage with --stage)."""
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--skip_numpy', action='store_true',
+                      help='skip the numpy reference stages (slow)')
+  parser.add_argument('--skip_msmt', action='store_true', help='skip the MSMT17-size stage')
+  parser.add_argument('--skip_market', action='store_true', help='skip the Market-size stages')
+  parser.add_argument('--workdir', default='', help='scratch folder (default: a temp dir)')
+  parser.add_argument('--json', default='', help='also write the results here')
+  parser.add_argument('--block_size', type=int, default=128, help='evaluate() block size')
+  parser.add_argument('--stage', default='', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+
+  if args.stage:
+    print(json.dumps(run_stage(args.stage, pathlib.Path(args.workdir), args.block_size)))
+    return
+
+  import jax  # pylint: disable=g-import-not-at-top
+  env = dict(jax=jax.__version__, backend=jax.default_backend(),
+             devices=[str(d) for d in jax.devices()], cpu_count=os.cpu_count(),
+             numpy=np.__version__)
+  results: dict = {'env': env, 'stages': []}
+  with tempfile.TemporaryDirectory(dir=args.workdir or None) as tmp:
+    workdir = pathlib.Path(tmp)
+    stages = []
+    if not args.skip_market:
+      prob = make_problem(0, **MARKET)
+      for k, v in prob.items():
+        np.save(workdir / f'{k}.npy', v)
+      del prob
+      stages += ['distance', 'evaluate']
+      stages += [] if args.skip_numpy else ['evaluate_numpy']
+      stages += ['rerank']
+      stages += [] if args.skip_numpy else ['rerank_numpy']
+    if not args.skip_msmt:
+      stages.append('rerank_msmt')
+    for stage in stages:
+      rec = _spawn(stage, workdir, args.block_size)
+      results['stages'].append(rec)
+      print(json.dumps(rec), flush=True)
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  main()

@@ -1,0 +1,144 @@
+"""Tests of eval.rerank against a dense numpy transcription of the reference."""
+
+import numpy as np
+import pytest
+
+from eval import rerank
+
+
+def reference_re_ranking(prob_fea, gal_fea, k1, k2, lambda_value):
+  """The numpy re_ranking(probFea, galFea, k1, k2, lambda_value) of the PyTorch
+  re-ID baselines (BoT utils/re_ranking.py), loop by loop, dense N x N, with the
+  float32 V of torchreid's copy instead of BoT's float16."""
+  query_num = prob_fea.shape[0]
+  feat = np.concatenate([prob_fea, gal_fea]).astype(np.float32)
+  all_num = feat.shape[0]
+  sq = np.sum(feat ** 2, axis=1, keepdims=True)
+  original_dist = sq + sq.T - 2 * feat @ feat.T
+  gallery_num = original_dist.shape[0]
+  original_dist = np.transpose(original_dist / np.max(original_dist, axis=0))
+  V = np.zeros_like(original_dist).astype(np.float32)
+  initial_rank = np.argsort(original_dist).astype(np.int32)
+
+  for i in range(all_num):
+    # k-reciprocal neighbours
+    forward_k_neigh_index = initial_rank[i, :k1 + 1]
+    backward_k_neigh_index = initial_rank[forward_k_neigh_index, :k1 + 1]
+    fi = np.where(backward_k_neigh_index == i)[0]
+    k_reciprocal_index = forward_k_neigh_index[fi]
+    k_reciprocal_expansion_index = k_reciprocal_index
+    for j in range(len(k_reciprocal_index)):
+      candidate = k_reciprocal_index[j]
+      candidate_forward_k_neigh_index = initial_rank[candidate, :int(np.around(k1 / 2)) + 1]
+      candidate_backward_k_neigh_index = initial_rank[candidate_forward_k_neigh_index,
+                                                      :int(np.around(k1 / 2)) + 1]
+      fi_candidate = np.where(candidate_backward_k_neigh_index == candidate)[0]
+      candidate_k_reciprocal_index = candidate_forward_k_neigh_index[fi_candidate]
+      if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2 / 3 * len(
+          candidate_k_reciprocal_index):
+        k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index,
+                                                 candidate_k_reciprocal_index)
+    k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
+    weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
+    V[i, k_reciprocal_expansion_index] = weight / np.sum(weight)
+  original_dist = original_dist[:query_num,]
+  if k2 != 1:
+    V_qe = np.zeros_like(V, dtype=np.float32)
+    for i in range(all_num):
+      V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
+    V = V_qe
+    del V_qe
+  del initial_rank
+  invIndex = []
+  for i in range(gallery_num):
+    invIndex.append(np.where(V[:, i] != 0)[0])
+
+  jaccard_dist = np.zeros_like(original_dist, dtype=np.float32)
+  for i in range(query_num):
+    temp_min = np.zeros(shape=[1, gallery_num], dtype=np.float32)
+    indNonZero = np.where(V[i, :] != 0)[0]
+    indImages = [invIndex[ind] for ind in indNonZero]
+    for j in range(len(indNonZero)):
+      temp_min[0, indImages[j]] = temp_min[0, indImages[j]] + np.minimum(
+          V[i, indNonZero[j]], V[indImages[j], indNonZero[j]])
+    jaccard_dist[i] = 1 - temp_min / (2 - temp_min)
+
+  final_dist = jaccard_dist * (1 - lambda_value) + original_dist * lambda_value
+  return final_dist[:query_num, query_num:]
+
+
+def clustered_features(seed, num, dim=32, num_ids=25, noise=0.7):
+  """Continuous features around identity centres (no distance ties)."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(num_ids, dim))
+  labels = rng.integers(0, num_ids, num)
+  return (centres[labels] + noise * rng.normal(size=(num, dim))).astype(np.float32)
+
+
+@pytest.mark.parametrize('k1, k2, lambda_value', [
+    (20, 6, 0.3),  # the paper's setting
+    (5, 1, 0.5),  # odd k1 (round half to even), no query expansion
+    (7, 3, 0.0),
+    (4, 4, 1.0),
+])
+def test_matches_reference(k1, k2, lambda_value):
+  feats = clustered_features(0, 240)
+  q, g = feats[:50], feats[50:]
+  expected = reference_re_ranking(q, g, k1, k2, lambda_value)
+  got = rerank.re_ranking(q, g, k1, k2, lambda_value, block_size=64)
+  assert got.shape == (50, 190) and got.dtype == np.float32
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+  if lambda_value < 1:
+    # Non-trivial: many pairs share k-reciprocal neighbours (Jaccard < 1).
+    scaled = reference_re_ranking(q, g, k1, k2, 1.0)
+    assert np.mean(expected < lambda_value * scaled + (1 - lambda_value) - 1e-3) > 0.02
+
+
+def test_matches_reference_more_points_than_neighbourhoods():
+  feats = clustered_features(1, 300, dim=16, num_ids=40)
+  q, g = feats[:70], feats[70:]
+  expected = reference_re_ranking(q, g, 20, 6, 0.3)
+  np.testing.assert_allclose(rerank.re_ranking(q, g), expected, atol=1e-5)
+
+
+def test_tiny_problem_smaller_than_k1():
+  feats = clustered_features(2, 9, dim=8)
+  q, g = feats[:3], feats[3:]
+  expected = reference_re_ranking(q, g, 20, 6, 0.3)
+  np.testing.assert_allclose(rerank.re_ranking(q, g, 20, 6, 0.3), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('block_size, max_pairs', [(3, 10), (17, 1000), (40, 10**9)])
+def test_block_size_independent(block_size, max_pairs):
+  feats = clustered_features(3, 130, dim=16)
+  q, g = feats[:40], feats[40:]
+  expected = rerank.re_ranking(q, g, 6, 3, 0.3, block_size=1000)
+  got = rerank.re_ranking(q, g, 6, 3, 0.3, block_size=block_size, max_pairs=max_pairs)
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_errors():
+  q = np.zeros((3, 4), np.float32)
+  g = np.ones((5, 4), np.float32)
+  with pytest.raises(ValueError, match='Features must be 2-D'):
+    rerank.re_ranking(q[0], g)
+  with pytest.raises(ValueError, match='Feature dimensions differ: 4 vs 3'):
+    rerank.re_ranking(q, g[:, :3])
+  with pytest.raises(ValueError, match='Empty query set'):
+    rerank.re_ranking(q[:0], g)
+  with pytest.raises(ValueError, match='Empty gallery'):
+    rerank.re_ranking(q, g[:0])
+  bad = g.copy()
+  bad[2, 1] = np.nan
+  with pytest.raises(ValueError, match='NaN or infinite'):
+    rerank.re_ranking(q, bad)
+  with pytest.raises(ValueError, match='k1 and k2 must be >= 1'):
+    rerank.re_ranking(q, g, k1=0)
+  with pytest.raises(ValueError, match='k1 and k2 must be >= 1'):
+    rerank.re_ranking(q, g, k2=0)
+  with pytest.raises(ValueError, match=r'lambda_value must be in \[0, 1\]'):
+    rerank.re_ranking(q, g, lambda_value=1.5)
+  with pytest.raises(ValueError, match='block_size must be >= 1'):
+    rerank.re_ranking(q, g, block_size=0)
+  with pytest.raises(ValueError, match='max_pairs must be >= 1'):
+    rerank.re_ranking(q, g, max_pairs=0)
