@@ -20,6 +20,17 @@ batch variance, whereas PyTorch's running_var uses the *unbiased* one
 training mode is identical (both use the biased variance); only the running
 statistics used at test time differ slightly. We keep flax's behaviour.
 PyTorch momentum 0.1 equals flax momentum 0.9.
+
+CPU speed note (`conv_input_barrier`): the weight gradient of a convolution on XLA:CPU
+transposes the conv input to (C, H, W, N); XLA fuses the whole cheap elementwise
+producer chain of that input (BN apply, residual adds and ReLUs of the previous
+blocks) into the transpose and recomputes it with a transposed, cache-hostile access
+pattern, which made those transposes ~40% of a ResNet-50 train step. With
+`conv_input_barrier` every conv input passes `jax.lax.optimization_barrier`, so the
+transpose reads the materialised activation instead. XLA:CPU drops barriers early
+unless run with `--xla_disable_hlo_passes=cse_barrier_expander` (`reid_jax.main`
+adds it on CPU, see `reid_jax.cpu_tuning`); without it the barriers are no-ops.
+Values are unchanged either way.
 """
 
 import functools
@@ -92,11 +103,26 @@ def _batch_norm(train: bool, dtype: Dtype, axis_name: Optional[str],
       name=name)
 
 
+class Conv(nn.Conv):
+  """`nn.Conv` that can materialise its input (see `conv_input_barrier` above).
+
+  Attributes:
+    input_barrier: pass the input through `jax.lax.optimization_barrier` first.
+  """
+  input_barrier: bool = False
+
+  def __call__(self, inputs: Array) -> Array:
+    """Applies the convolution (same parameters and values as `nn.Conv`)."""
+    if self.input_barrier:
+      inputs = jax.lax.optimization_barrier(inputs)
+    return super().__call__(inputs)
+
+
 def _conv(features: int, kernel: int, stride: int, dtype: Dtype,
-          name: str) -> nn.Conv:
+          name: str, input_barrier: bool = False) -> nn.Conv:
   """Bias-free conv with PyTorch's symmetric padding `kernel // 2`."""
   pad = kernel // 2
-  return nn.Conv(
+  return Conv(
       features,
       (kernel, kernel),
       strides=(stride, stride),
@@ -105,6 +131,7 @@ def _conv(features: int, kernel: int, stride: int, dtype: Dtype,
       kernel_init=conv_kernel_init,
       dtype=dtype,
       param_dtype=jnp.float32,
+      input_barrier=input_barrier,
       name=name)
 
 
@@ -117,12 +144,14 @@ class BasicBlock(nn.Module):
     downsample: whether the skip path is a 1x1 conv + BN.
     dtype: compute dtype.
     bn_axis_name: axis name for cross-device BatchNorm statistics.
+    conv_input_barrier: see the module docstring (CPU speed only).
   """
   planes: int
   stride: int = 1
   downsample: bool = False
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  conv_input_barrier: bool = False
   expansion = 1
 
   @nn.compact
@@ -137,14 +166,15 @@ class BasicBlock(nn.Module):
       (N, H', W', planes) output.
     """
     bn = functools.partial(_batch_norm, train, self.dtype, self.bn_axis_name)
-    out = _conv(self.planes, 3, self.stride, self.dtype, 'conv1')(x)
+    conv = functools.partial(_conv, dtype=self.dtype,
+                             input_barrier=self.conv_input_barrier)
+    out = conv(self.planes, 3, self.stride, name='conv1')(x)
     out = nn.relu(bn('bn1')(out))
-    out = _conv(self.planes, 3, 1, self.dtype, 'conv2')(out)
+    out = conv(self.planes, 3, 1, name='conv2')(out)
     out = bn('bn2')(out)
     identity = x
     if self.downsample:
-      identity = _conv(self.planes, 1, self.stride, self.dtype,
-                       'downsample_conv')(x)
+      identity = conv(self.planes, 1, self.stride, name='downsample_conv')(x)
       identity = bn('downsample_bn')(identity)
     return nn.relu(out + identity)
 
@@ -158,12 +188,14 @@ class Bottleneck(nn.Module):
     downsample: whether the skip path is a 1x1 conv + BN.
     dtype: compute dtype.
     bn_axis_name: axis name for cross-device BatchNorm statistics.
+    conv_input_barrier: see the module docstring (CPU speed only).
   """
   planes: int
   stride: int = 1
   downsample: bool = False
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  conv_input_barrier: bool = False
   expansion = 4
 
   @nn.compact
@@ -178,16 +210,17 @@ class Bottleneck(nn.Module):
       (N, H', W', 4 * planes) output.
     """
     bn = functools.partial(_batch_norm, train, self.dtype, self.bn_axis_name)
-    out = _conv(self.planes, 1, 1, self.dtype, 'conv1')(x)
+    conv = functools.partial(_conv, dtype=self.dtype,
+                             input_barrier=self.conv_input_barrier)
+    out = conv(self.planes, 1, 1, name='conv1')(x)
     out = nn.relu(bn('bn1')(out))
-    out = _conv(self.planes, 3, self.stride, self.dtype, 'conv2')(out)
+    out = conv(self.planes, 3, self.stride, name='conv2')(out)
     out = nn.relu(bn('bn2')(out))
-    out = _conv(self.planes * 4, 1, 1, self.dtype, 'conv3')(out)
+    out = conv(self.planes * 4, 1, 1, name='conv3')(out)
     out = bn('bn3')(out)
     identity = x
     if self.downsample:
-      identity = _conv(self.planes * 4, 1, self.stride, self.dtype,
-                       'downsample_conv')(x)
+      identity = conv(self.planes * 4, 1, self.stride, name='downsample_conv')(x)
       identity = bn('downsample_bn')(identity)
     return nn.relu(out + identity)
 
@@ -202,6 +235,7 @@ class ResNet(nn.Module):
     width: channels of the stem (64 in torchvision); stage i uses width * 2**i.
     dtype: compute dtype of activations; params and statistics stay float32.
     bn_axis_name: axis name for cross-device BatchNorm statistics.
+    conv_input_barrier: see the module docstring (CPU speed only).
   """
   stage_sizes: Sequence[int]
   block: str = 'bottleneck'
@@ -209,6 +243,7 @@ class ResNet(nn.Module):
   width: int = 64
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  conv_input_barrier: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -226,7 +261,7 @@ class ResNet(nn.Module):
     _check_choice('last_stride', self.last_stride, (1, 2))
     block_cls = BasicBlock if self.block == 'basic' else Bottleneck
     x = jnp.asarray(x, self.dtype)
-    x = _conv(self.width, 7, 2, self.dtype, 'conv1')(x)
+    x = _conv(self.width, 7, 2, self.dtype, 'conv1', self.conv_input_barrier)(x)
     x = _batch_norm(train, self.dtype, self.bn_axis_name, 'bn1')(x)
     x = nn.relu(x)
     x = stem_max_pool(x)
@@ -244,6 +279,7 @@ class ResNet(nn.Module):
             downsample=downsample,
             dtype=self.dtype,
             bn_axis_name=self.bn_axis_name,
+            conv_input_barrier=self.conv_input_barrier,
             name=f'layer{i + 1}_{j}')(x, train)
         in_channels = planes * block_cls.expansion
     return x
@@ -322,6 +358,7 @@ class ReIDModel(nn.Module):
     stage_sizes: optional override of the backbone's blocks per stage (tests,
       tiny models); None uses the named backbone's.
     width: stem width of the backbone (64 = torchvision).
+    conv_input_barrier: see the module docstring (CPU speed only; values unchanged).
   """
   num_classes: int
   backbone: str = 'resnet50'
@@ -334,6 +371,7 @@ class ReIDModel(nn.Module):
   bn_axis_name: Optional[str] = None
   stage_sizes: Optional[Tuple[int, ...]] = None
   width: int = 64
+  conv_input_barrier: bool = False
 
   def __post_init__(self):
     _check_choice('backbone', self.backbone, tuple(RESNET_SPECS))
@@ -373,6 +411,7 @@ class ReIDModel(nn.Module):
         width=self.width,
         dtype=self.dtype,
         bn_axis_name=self.bn_axis_name,
+        conv_input_barrier=self.conv_input_barrier,
         name='backbone')(x, train)
     if self.pooling == 'gem':
       global_feat = GeneralizedMeanPooling(init_p=self.gem_p, name='gem')(fmap)
@@ -413,7 +452,8 @@ class ReIDModel(nn.Module):
 
 
 def create_model(model_config: Any, num_classes: int, dtype: Dtype = jnp.float32,
-                 bn_axis_name: Optional[str] = None) -> ReIDModel:
+                 bn_axis_name: Optional[str] = None,
+                 conv_input_barrier: Optional[bool] = None) -> ReIDModel:
   """Builds the ReIDModel described by `config.model`.
 
   Args:
@@ -423,6 +463,8 @@ def create_model(model_config: Any, num_classes: int, dtype: Dtype = jnp.float32
     dtype: compute dtype of activations.
     bn_axis_name: axis name for cross-device BatchNorm statistics (e.g. 'batch'
       under pmap), None for per-device statistics.
+    conv_input_barrier: see the module docstring; None: on when JAX's default
+      backend is the CPU.
 
   Returns:
     The (unbound) model.
@@ -430,6 +472,8 @@ def create_model(model_config: Any, num_classes: int, dtype: Dtype = jnp.float32
   get = model_config.get if hasattr(model_config, 'get') else (
       lambda k, d=None: getattr(model_config, k, d))
   stage_sizes = get('stage_sizes', None)
+  if conv_input_barrier is None:
+    conv_input_barrier = jax.default_backend() == 'cpu'
   return ReIDModel(
       num_classes=num_classes,
       backbone=model_config.name,
@@ -441,7 +485,8 @@ def create_model(model_config: Any, num_classes: int, dtype: Dtype = jnp.float32
       dtype=dtype,
       bn_axis_name=bn_axis_name,
       stage_sizes=tuple(stage_sizes) if stage_sizes else None,
-      width=int(get('width', 64) or 64))
+      width=int(get('width', 64) or 64),
+      conv_input_barrier=bool(conv_input_barrier))
 
 
 def initialize(model: nn.Module, rng: Array,

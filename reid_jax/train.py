@@ -145,6 +145,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   s = setup(config)
   manager = checkpoint_lib.create_manager(workdir, config.keep_checkpoints)
   state = checkpoint_lib.restore(manager, s.state)
+  if jax.process_count() == 1:
+    # As the step returns it: otherwise its second call compiles it again.
+    state = jax.device_put(state, step_lib.replicated_sharding())
   start_step = int(jax.device_get(state.step))
   if start_step:
     logging.info('Resumed from %s at step %d.', manager.directory, start_step)

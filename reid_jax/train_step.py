@@ -13,6 +13,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
@@ -194,6 +195,21 @@ def make_parallel_steps(loss_config: LossConfig, learning_rate_fn: Callable,
   p_eval = jax.pmap(functools.partial(eval_step, flip=flip_test),
                     axis_name=AXIS_NAME, in_axes=(None, 0), out_axes=0)
   return p_train, p_eval
+
+
+def replicated_sharding() -> jax.sharding.NamedSharding:
+  """The sharding the pmapped train step gives the state it returns.
+
+  The state replicated over the local devices on a mesh with axis 'batch'. A state
+  from `create_train_state` or a checkpoint restore lives on one device instead, and
+  the step is compiled once more on its second call unless the state is first put
+  there: `jax.device_put(state, replicated_sharding())`.
+
+  Returns:
+    NamedSharding(Mesh(local devices, ('batch',)), PartitionSpec()).
+  """
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (AXIS_NAME,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def create_train_state(rng: jax.Array, model: flax.linen.Module,

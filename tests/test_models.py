@@ -493,3 +493,38 @@ def test_create_model_from_config():
   bad.pooling = 'median'
   with pytest.raises(ValueError, match='pooling'):
     models.create_model(bad, num_classes=751)
+
+
+@pytest.mark.parametrize('backbone', ['resnet18', 'resnet50'])
+def test_conv_input_barrier_changes_no_value(backbone):
+  # The barriers only steer XLA's fusion (reid_jax.models docstring): same params,
+  # outputs, BN statistics and gradients, bit for bit.
+  kwargs = dict(num_classes=5, backbone=backbone, stage_sizes=(1, 1), width=8)
+  plain = models.ReIDModel(**kwargs)
+  barrier = models.ReIDModel(**kwargs, conv_input_barrier=True)
+  x = jax.random.normal(jax.random.key(1), (4, 32, 16, 3))
+  variables = plain.init(jax.random.key(0), x, train=False)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables,
+                         barrier.init(jax.random.key(0), x, train=False))
+
+  def loss(params, model):
+    (logits, feat), state = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']}, x, train=True,
+        mutable=['batch_stats'])
+    return jnp.sum(logits ** 2) + jnp.sum(feat), (logits, state)
+
+  for fn in (lambda f: f, jax.jit):
+    out_plain = fn(jax.value_and_grad(functools.partial(loss, model=plain),
+                                      has_aux=True))(variables['params'])
+    out_barrier = fn(jax.value_and_grad(functools.partial(loss, model=barrier),
+                                        has_aux=True))(variables['params'])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, out_plain, out_barrier)
+
+
+def test_create_model_turns_the_barrier_on_on_cpu():
+  config = ml_collections.ConfigDict(dict(
+      name='resnet18', last_stride=1, neck='bnneck', neck_feat='after',
+      pooling='avg', gem_p=3.0))
+  assert models.create_model(config, 5).conv_input_barrier == (
+      jax.default_backend() == 'cpu')
+  assert not models.create_model(config, 5, conv_input_barrier=False).conv_input_barrier
