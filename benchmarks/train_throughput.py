@@ -180,10 +180,9 @@ def jax_benchmark(args: argparse.Namespace, precision_name: str,
     if bn_axis_name is not None:
       print(f'    model conv_input_barrier: '
             f'{getattr(model, "conv_input_barrier", "n/a (not in this models.py)")}')
-    state = step_lib.create_train_state(
-        jax.random.key(0), model.clone(bn_axis_name=None), tx, IMAGE_SIZE,
-        NUM_CLASSES, dynamic_scale=precision.create_dynamic_scale(dtype))
-    return state.replace(apply_fn=model.apply)
+    return step_lib.create_train_state(
+        jax.random.key(0), model, tx, IMAGE_SIZE, NUM_CLASSES,
+        dynamic_scale=precision.create_dynamic_scale(dtype))
 
   if args.jax_impl in ('pmap', 'both'):
     state = make_state(step_lib.AXIS_NAME)
@@ -581,7 +580,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       results[f'torch {prec}'] = torch_benchmark(args, prec, images, labels)
 
   print(f'\nload average after: {load_average()}')
-  print(f'\n| precision | step | JAX impl | JAX img/s | PyTorch img/s | JAX / PyTorch |')
+  print('\n| precision | step | JAX impl | JAX img/s | PyTorch img/s | JAX / PyTorch |')
   print('|---|---|---|---:|---:|---:|')
   for prec in args.precision_list:
     jax_rows = results.get(f'jax {prec}', [])

@@ -54,15 +54,6 @@ def tfds_loaders(config: ml_collections.ConfigDict) -> tuple[Callable, Callable]
   return pipeline.in_memory_loader(train), pipeline.in_memory_loader(test)
 
 
-def feature_dim(model: models.ReIDModel, image_size: tuple[int, int]) -> int:
-  """Dimension of the pooled (pre-neck) feature, computed without running the model."""
-  probe = model.clone(bn_axis_name=None)
-  dummy = jax.ShapeDtypeStruct((1, *image_size, 3), np.float32)
-  shapes = jax.eval_shape(
-      lambda x: probe.init_with_output(jax.random.key(0), x, train=True)[0], dummy)
-  return shapes[1].shape[-1]
-
-
 def setup(config: ml_collections.ConfigDict) -> Setup:
   """Validates the config and builds datasets, model, state and the pmapped steps.
 
@@ -83,13 +74,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                               bn_axis_name=step_lib.AXIS_NAME)
   tx = optim.create_optimizer(config, steps_per_epoch)
   learning_rate_fn = optim.create_lr_schedule(config, steps_per_epoch)
-  use_center = config_lib.uses_center_loss(config)
   state = step_lib.create_train_state(
-      jax.random.key(config.seed), model.clone(bn_axis_name=None), tx, image_size,
-      num_classes, feat_dim=feature_dim(model, image_size) if use_center else None,
-      use_center=use_center, dynamic_scale=precision.create_dynamic_scale(dtype))
-  # The state keeps the pmap-ready model (cross-device BN) for its apply_fn.
-  state = state.replace(apply_fn=model.apply)
+      jax.random.key(config.seed), model, tx, image_size, num_classes,
+      use_center=config_lib.uses_center_loss(config),
+      dynamic_scale=precision.create_dynamic_scale(dtype))
   if config.model.pretrained:
     params, batch_stats = models_pretrained(config.model.pretrained, state)
     state = state.replace(params=params, batch_stats=batch_stats)

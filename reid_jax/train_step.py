@@ -214,7 +214,7 @@ def replicated_sharding() -> jax.sharding.NamedSharding:
 
 def create_train_state(rng: jax.Array, model: flax.linen.Module,
                        tx: optax.GradientTransformation, image_size: tuple[int, int],
-                       num_classes: int, feat_dim: Optional[int] = None,
+                       num_classes: int,
                        use_center: bool = False,
                        dynamic_scale: Optional[dynamic_scale_lib.DynamicScale] = None
                        ) -> TrainState:
@@ -222,11 +222,11 @@ def create_train_state(rng: jax.Array, model: flax.linen.Module,
 
   Args:
     rng: PRNG key.
-    model: a `models.ReIDModel`.
+    model: a `models.ReIDModel`; its apply becomes the state's apply_fn, so build it
+      with bn_axis_name='batch' for pmap (init runs in eval mode, without collectives).
     tx: the optimizer (from `optim.create_optimizer`).
     image_size: (H, W).
     num_classes: training identities.
-    feat_dim: dimension of the pre-neck feature (needed with center loss).
     use_center: add center-loss centers to the params.
     dynamic_scale: a loss scale for float16, else None.
 
@@ -238,9 +238,7 @@ def create_train_state(rng: jax.Array, model: flax.linen.Module,
   variables = jax.jit(functools.partial(model.init, train=False))(model_rng, dummy)
   params = dict(variables['params'])
   if use_center:
-    if feat_dim is None:
-      raise ValueError('feat_dim is needed to create the center-loss centers.')
-    params[CENTER_KEY] = losses.init_centers(center_rng, num_classes, feat_dim)
+    params[CENTER_KEY] = losses.init_centers(center_rng, num_classes, model.feature_dim)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables['batch_stats'],
                            dynamic_scale=dynamic_scale)

@@ -47,10 +47,10 @@ def _state(config, dtype=jnp.float32):
                               bn_axis_name=step_lib.AXIS_NAME)
   tx = optim.create_optimizer(config, steps_per_epoch=10)
   state = step_lib.create_train_state(
-      jax.random.key(0), model.clone(bn_axis_name=None), tx, IMAGE_SIZE, NUM_CLASSES,
-      feat_dim=512, use_center=config.loss.type.endswith('center'),
+      jax.random.key(0), model, tx, IMAGE_SIZE, NUM_CLASSES,
+      use_center=config.loss.type.endswith('center'),
       dynamic_scale=precision.create_dynamic_scale(dtype))
-  return state.replace(apply_fn=model.apply)
+  return state
 
 
 def _steps(config, devices):
