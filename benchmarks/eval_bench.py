@@ -13,13 +13,20 @@ Stages (Market size, 3,368 queries x 15,913 gallery, 2048-d):
   evaluate_numpy torchreid/BoT per-query numpy loop, same distance matrix
   rerank         eval.rerank.re_ranking
   rerank_numpy   the standard dense numpy re-ranking (float32 V), same features
+  features       eval.metrics.rank_features (streamed, no distance matrix) and,
+                 in the same process, distance + evaluate on the dense matrix
+                 (the same figures are checked), then with TPR@FPR
 and at MSMT17 size (11,659 x 82,161, 2048-d):
   rerank_msmt    eval.rerank.re_ranking, then eval.metrics.evaluate on its
                  (11,659 x 82,161) output
+and MSMT17's queries against a gallery of --gallery images (MSMT17's 82,161
+plus pid-0 distractors; default 1,000,000: 8.2 GB of float32 features):
+  features_large eval.metrics.rank_features; the goal is a peak RSS of at
+                 most the features' size + 2 GB.
 
 Usage:
   .venv/bin/python benchmarks/eval_bench.py [--skip_numpy] [--skip_msmt]
-      [--skip_market] [--workdir DIR] [--json OUT]
+      [--skip_market] [--skip_large] [--gallery N] [--workdir DIR] [--json OUT]
 """
 
 import argparse
@@ -243,11 +250,54 @@ def _labels(workdir):
   return [_load(workdir, n) for n in ('q_pids', 'g_pids', 'q_camids', 'g_camids')]
 
 
-def run_stage(stage: str, workdir: pathlib.Path, block_size: int) -> dict:
+def large_problem(num_gallery: int) -> dict:
+  """MSMT17-sized queries against `num_gallery` images (extra ones: pid 0)."""
+  return make_problem(2, num_query=MSMT['num_query'], num_gallery=num_gallery,
+                      num_ids=MSMT['num_ids'],
+                      num_distractors=max(0, num_gallery - MSMT['num_gallery']),
+                      num_cams=MSMT['num_cams'])
+
+
+def run_stage(stage: str, workdir: pathlib.Path, block_size: int,
+              num_gallery: int = 1_000_000) -> dict:
   """Runs one stage in this process; returns its measurements."""
-  from eval import distance, metrics, rerank  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from eval import distance, metrics, rerank, verification
   rec: dict = {'stage': stage}
-  if stage == 'distance':
+  if stage == 'features':
+    q, g = _load(workdir, 'q_feats'), _load(workdir, 'g_feats')
+    labels = _labels(workdir)
+    metrics.rank_features(q[:300], g, labels[0][:300], labels[1], labels[2][:300],
+                          labels[3])  # compile outside the measurement
+    with _Meter() as m:
+      res = metrics.rank_features(q, g, *labels)
+    rec.update(feature_path=m.record())
+    with _Meter() as m:
+      d = distance.euclidean_distance(q, g)
+      cmc, mean_ap, minp = metrics.evaluate(d, *labels, block_size=block_size)
+    rec.update(dense_distance_and_evaluate=m.record())
+    del d
+    with _Meter() as m:
+      res_tpr = metrics.rank_features(q, g, *labels, fprs=verification.FAST_REID_FPRS)
+    rec.update(feature_path_with_tpr=m.record())
+    rec.update(rank1=float(res.cmc[0]), mAP=res.mAP, mINP=res.mINP,
+               tpr_at_fpr={str(k): v for k, v in res_tpr.tpr_at_fpr.items()},
+               max_abs_diff_cmc=float(np.abs(res.cmc - cmc).max()),
+               abs_diff_mAP=abs(res.mAP - mean_ap), abs_diff_mINP=abs(res.mINP - minp))
+  elif stage == 'features_large':
+    with _Meter() as m_gen:
+      prob = large_problem(num_gallery)
+    rec.update(generate=m_gen.record())
+    q, g = prob.pop('q_feats'), prob.pop('g_feats')
+    labels = (prob['q_pids'], prob['g_pids'], prob['q_camids'], prob['g_camids'])
+    rec.update(num_query=len(q), num_gallery=len(g),
+               features_gb=round((q.nbytes + g.nbytes) / 2**30, 3))
+    with _Meter() as m:
+      res = metrics.rank_features(q, g, *labels)
+    rec.update(feature_path=m.record())
+    rec.update(peak_minus_features_gb=round(m.peak_gb - (q.nbytes + g.nbytes) / 2**30, 3),
+               rank1=float(res.cmc[0]), mAP=res.mAP, mINP=res.mINP)
+  elif stage == 'distance':
     q, g = _load(workdir, 'q_feats'), _load(workdir, 'g_feats')
     distance.euclidean_distance(q[:1024], g)  # compile outside the measurement
     with _Meter() as m:
@@ -316,10 +366,10 @@ def run_stage(stage: str, workdir: pathlib.Path, block_size: int) -> dict:
   return rec
 
 
-def _spawn(stage: str, workdir: pathlib.Path, block_size: int) -> dict:
+def _spawn(stage: str, workdir: pathlib.Path, block_size: int, num_gallery: int) -> dict:
   """Runs a stage in a fresh interpreter and returns its JSON record."""
   cmd = [sys.executable, os.path.abspath(__file__), '--stage', stage, '--workdir',
-         str(workdir), '--block_size', str(block_size)]
+         str(workdir), '--block_size', str(block_size), '--gallery', str(num_gallery)]
   print(f'[eval_bench] {stage} ...', file=sys.stderr, flush=True)
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
@@ -335,6 +385,10 @@ def main(argv=None) -> None:
                       help='skip the numpy reference stages (slow)')
   parser.add_argument('--skip_msmt', action='store_true', help='skip the MSMT17-size stage')
   parser.add_argument('--skip_market', action='store_true', help='skip the Market-size stages')
+  parser.add_argument('--skip_large', action='store_true',
+                      help='skip the streamed evaluation against a large gallery')
+  parser.add_argument('--gallery', type=int, default=1_000_000,
+                      help='gallery size of the features_large stage')
   parser.add_argument('--workdir', default='', help='scratch folder (default: a temp dir)')
   parser.add_argument('--json', default='', help='also write the results here')
   parser.add_argument('--block_size', type=int, default=128, help='evaluate() block size')
@@ -342,7 +396,8 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
 
   if args.stage:
-    print(json.dumps(run_stage(args.stage, pathlib.Path(args.workdir), args.block_size)))
+    print(json.dumps(run_stage(args.stage, pathlib.Path(args.workdir), args.block_size,
+                               args.gallery)))
     return
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -358,14 +413,16 @@ def main(argv=None) -> None:
       for k, v in prob.items():
         np.save(workdir / f'{k}.npy', v)
       del prob
-      stages += ['distance', 'evaluate']
+      stages += ['distance', 'evaluate', 'features']
       stages += [] if args.skip_numpy else ['evaluate_numpy']
       stages += ['rerank']
       stages += [] if args.skip_numpy else ['rerank_numpy']
     if not args.skip_msmt:
       stages.append('rerank_msmt')
+    if not args.skip_large:
+      stages.append('features_large')
     for stage in stages:
-      rec = _spawn(stage, workdir, args.block_size)
+      rec = _spawn(stage, workdir, args.block_size, args.gallery)
       results['stages'].append(rec)
       print(json.dumps(rec), flush=True)
   if args.json:

@@ -1,21 +1,34 @@
-"""Training input throughput: our tf.data pipeline vs a PIL + multiprocessing loader.
+"""Training input throughput: images/s delivered to the devices, augmented.
 
-Both produce the baseline's training batches (P x K sampling, resize to
-256x128, flip, pad 10 + random crop, normalise, random erasing) from the same
-Market-like JPEGs (128x64, as Market-1501's crops), in the same run:
+Three loaders produce the baseline's training batches (P x K sampling, resize
+to 256x128, flip, pad 10 + random crop, normalise, random erasing) from the
+same Market-like JPEGs (128x64, as Market-1501's crops), in the same run,
+interleaved (run i of every loader, then run i + 1, ...):
 
-  * tf.data: `input_pipeline.pipeline.create_train_dataset` (parallel map,
-    AUTOTUNE), iterated as numpy.
+  * stream: `pipeline.create_train_stream(cache='none')` (tf.data: read,
+    PIL-exact decode and resize, uint8) -> `pipeline.prefetch_to_device` ->
+    `device_augment.augment` under `jax.pmap` on the (CPU) devices.
+  * cached: the same with `cache='host'`, timed after its first epoch (which
+    fills the cache): every batch is a gather from the uint8 cache.
   * PIL: what the PyTorch baselines do: a `multiprocessing.Pool` of workers,
     each building whole batches with PIL (resize, flip, pad, crop) and numpy
-    (normalise, erase), the batches pickled back to the main process.
+    (normalise, erase), the float32 batches pickled back to the main process,
+    which puts them on the devices.
+
+Each figure is the median over --runs runs; every run ends when the last
+augmented batch is ready on the devices. Also printed: the host-only rates (no
+devices, no augmentation) of the stream and the cached path, the cached path's
+delivery to the devices without augmentation, and for every row the images per
+CPU-second (CPU time of all threads of this process, plus the PIL workers'),
+i.e. images/s per core, which a shared machine disturbs less than wall time.
 
 Usage:
-  python benchmarks/input_throughput.py [--num_images 1024] [--steps 30]
-      [--workers 2] [--tf_threads 0]
+  python benchmarks/input_throughput.py [--num_images 2048] [--steps 40]
+      [--cached_steps 160] [--runs 5] [--workers 2] [--devices 2]
 
-Prints images/s of both and their ratio. Run it on an otherwise idle machine
-for meaningful numbers.
+The JAX devices are `--devices` virtual CPU devices (XLA_FLAGS is set below,
+before JAX starts): the augmentation shares the machine's cores with the host
+pipeline. Run it on an otherwise idle machine for meaningful numbers.
 """
 
 import argparse
@@ -24,14 +37,35 @@ import math
 import multiprocessing
 import os
 import random
+import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
+
+def _set_device_count(argv: Sequence[str] | None) -> None:
+  """XLA_FLAGS for --devices virtual CPU devices (before JAX is imported)."""
+  count = 2
+  args = list(sys.argv[1:] if argv is None else argv)
+  for i, arg in enumerate(args):
+    if arg.startswith('--devices='):
+      count = int(arg.split('=', 1)[1])
+    elif arg == '--devices' and i + 1 < len(args):
+      count = int(args[i + 1])
+  flags = os.environ.get('XLA_FLAGS', '')
+  if 'xla_force_host_platform_device_count' not in flags:
+    os.environ['XLA_FLAGS'] = (
+        f'{flags} --xla_force_host_platform_device_count={count}').strip()
+  os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
 _MEAN = np.array((0.485, 0.456, 0.406), np.float32)
 _STD = np.array((0.229, 0.224, 0.225), np.float32)
+_SIZE = (256, 128)
 
 
 def make_images(out_dir: str, num_images: int, num_instances: int = 4,
@@ -94,81 +128,203 @@ def _pil_batch(args: tuple[Sequence[str], Sequence[int], int]) -> dict:
   """One batch (worker side): images (B, H, W, 3) float32 and labels."""
   paths, labels, seed = args
   rng = random.Random(seed)
-  images = np.stack([_pil_train_image(p, rng, (256, 128)) for p in paths])
+  images = np.stack([_pil_train_image(p, rng, _SIZE) for p in paths])
   return {'image': images, 'label': np.asarray(labels, np.int32)}
 
 
-def bench_pil(items: list[tuple[str, int]], batches: np.ndarray,
-              workers: int) -> float:
-  """Images/s of the PIL + multiprocessing loader over `batches`."""
-  paths = [p for p, _ in items]
-  pids = [pid for _, pid in items]
-  jobs = [([paths[i] for i in b], [pids[i] for i in b], s)
-          for s, b in enumerate(batches)]
-  ctx = multiprocessing.get_context('fork')
-  with ctx.Pool(workers) as pool:
-    it = pool.imap(_pil_batch, jobs, chunksize=1)
-    next(it)  # warm-up: first batch
-    start = time.perf_counter()
-    n = 0
-    for batch in it:
-      n += batch['image'].shape[0]
-    elapsed = time.perf_counter() - start
-  return n / elapsed
+def _cpu_seconds(pids: Sequence[int]) -> float:
+  """CPU time (user + system) of this process and of `pids` (Linux /proc)."""
+  total = time.process_time()
+  ticks = os.sysconf('SC_CLK_TCK')
+  for pid in pids:
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+      total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    except (OSError, IndexError, ValueError):
+      pass
+  return total
 
 
-def bench_tf(items: list[tuple[str, int]], steps: int, batch_size: int,
-             tf_threads: int) -> float:
-  """Images/s of create_train_dataset over `steps` batches (after 1 warm-up)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-  from input_pipeline.records import Record  # pylint: disable=g-import-not-at-top
+def _timed(fn, pids: Sequence[int] = ()) -> tuple[float, float]:
+  """Runs fn() -> images; returns (images/s wall, images per CPU-second).
 
-  config = default.get_config()
-  config.batch_size = batch_size
-  records = [Record(p, pid, 0) for p, pid in items]
-  ds = pipeline.create_train_dataset(records, config, epoch=0,
-                                     num_local_devices=1, steps=steps + 1)
-  if tf_threads:
-    options = tf.data.Options()
-    options.threading.private_threadpool_size = tf_threads
-    ds = ds.with_options(options)
-  it = ds.as_numpy_iterator()
-  next(it)
-  start = time.perf_counter()
-  n = 0
-  for batch in it:
-    n += batch['image'].shape[0] * batch['image'].shape[1]
-  elapsed = time.perf_counter() - start
-  return n / elapsed
+  CPU time counts every thread of this process (tf.data, XLA, the prefetch
+  thread) and the processes `pids` (the PIL workers).
+  """
+  wall, cpu = time.perf_counter(), _cpu_seconds(pids)
+  images = fn()
+  return (images / (time.perf_counter() - wall),
+          images / max(_cpu_seconds(pids) - cpu, 1e-9))
+
+
+class Bench:
+  """The three loaders over one set of JPEGs (the pool forks before JAX/TF)."""
+
+  def __init__(self, args: argparse.Namespace, items: list[tuple[str, int]]):
+    self.args = args
+    self.items = items
+    # PIL pool first: fork before TensorFlow and JAX start their threads.
+    self.pool = multiprocessing.get_context('fork').Pool(args.workers)
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from configs import default  # pylint: disable=g-import-not-at-top
+    from input_pipeline import device_augment  # pylint: disable=g-import-not-at-top
+    from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+    from input_pipeline.records import Record  # pylint: disable=g-import-not-at-top
+    self.jax, self.pipeline = jax, pipeline
+    self.devices = jax.local_devices()
+    self.config = config = default.get_config()
+    config.batch_size = args.batch_size
+    config.input.image_size = _SIZE
+    self.records = [Record(p, pid, 0) for p, pid in items]
+    self.spe = pipeline.steps_per_epoch(self.records, config, len(self.devices))
+    cfg = device_augment.AugmentConfig.from_config(config.input)
+    dtype = jnp.dtype(args.dtype)
+    seed = int(config.seed)
+
+    def aug(image, epoch, position):
+      keys = device_augment.image_keys(seed, epoch, position)
+      return device_augment.augment(image, keys, cfg, dtype)
+
+    self.p_aug = jax.pmap(aug)
+    mesh = jax.sharding.Mesh(np.asarray(self.devices), ('batch',))
+    self.sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec('batch'))
+    d = len(self.devices)
+    b = args.batch_size // d
+    warm = self.p_aug(np.zeros((d, b) + _SIZE + (3,), np.uint8),
+                      np.zeros((d, b), np.int32), np.zeros((d, b), np.int32))
+    warm.block_until_ready()  # compiled once, outside the timings
+    rng = np.random.default_rng(0)
+    paths = [p for p, _ in items]
+    pids = [pid for _, pid in items]
+    self.pil_jobs = []
+    for s in range(args.steps + 1):
+      batch = rng.choice(len(items), args.batch_size, replace=False)
+      self.pil_jobs.append(([paths[i] for i in batch], [pids[i] for i in batch], s))
+
+  def _stream(self, cache: str, num_steps: int):
+    return self.pipeline.create_train_stream(
+        self.records, self.config, steps_per_epoch=self.spe, start_step=0,
+        num_steps=num_steps, num_local_devices=len(self.devices), cache=cache)
+
+  def _to_devices(self, stream, skip: int, steps: int,
+                  augment: bool = True) -> tuple[float, float]:
+    """Consumes `skip` batches untimed, then times `steps` batches, augmented
+    on the devices (or only delivered there)."""
+    it = self.pipeline.prefetch_to_device(stream, size=2, devices=self.devices)
+    step = ((lambda b: self.p_aug(b['image'], b['epoch'], b['position']))
+            if augment else (lambda b: b['image']))
+    for _ in range(skip):
+      out = step(next(it))
+    out.block_until_ready()
+
+    def run():
+      out = None
+      for _ in range(steps):
+        out = step(next(it))
+      out.block_until_ready()
+      return steps * self.args.batch_size
+
+    rate = _timed(run)
+    it.close()
+    return rate
+
+  def stream_devices(self) -> tuple[float, float]:
+    steps = self.args.steps
+    return self._to_devices(self._stream('none', steps + 1), 1, steps)
+
+  def cached_devices(self) -> tuple[float, float]:
+    steps = self.args.cached_steps
+    return self._to_devices(self._stream('host', self.spe + steps), self.spe, steps)
+
+  def cached_delivery(self) -> tuple[float, float]:
+    steps = self.args.cached_steps
+    return self._to_devices(self._stream('host', self.spe + steps), self.spe, steps,
+                            augment=False)
+
+  def _host_only(self, stream, skip: int, steps: int) -> tuple[float, float]:
+    for _ in range(skip):
+      next(stream)
+
+    def run():
+      for _ in range(steps):
+        next(stream)
+      return steps * self.args.batch_size
+
+    return _timed(run)
+
+  def stream_host(self) -> tuple[float, float]:
+    steps = self.args.steps
+    return self._host_only(self._stream('none', steps + 1), 1, steps)
+
+  def cached_host(self) -> tuple[float, float]:
+    steps = self.args.cached_steps
+    return self._host_only(self._stream('host', self.spe + steps), self.spe, steps)
+
+  def pil_devices(self) -> tuple[float, float]:
+    """The PIL loader's batches, put on the devices as float32."""
+    jax, d = self.jax, len(self.devices)
+    it = self.pool.imap(_pil_batch, self.pil_jobs, chunksize=1)
+    next(it)  # warm-up: the first batch
+
+    def run():
+      n, last = 0, None
+      for batch in it:
+        image = batch['image'].reshape((d, -1) + batch['image'].shape[1:])
+        last = jax.device_put(image, self.sharding)
+        n += batch['image'].shape[0]
+      last.block_until_ready()
+      return n
+
+    return _timed(run, [p.pid for p in self.pool._pool])  # pylint: disable=protected-access
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """Runs both loaders and prints their throughput."""
+  """Runs the loaders interleaved and prints their median throughput."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--num_images', type=int, default=1024)
-  parser.add_argument('--steps', type=int, default=30)
+  parser.add_argument('--num_images', type=int, default=2048)
+  parser.add_argument('--steps', type=int, default=40,
+                      help='timed batches of the stream and PIL loaders')
+  parser.add_argument('--cached_steps', type=int, default=160,
+                      help='timed batches of the cached path (after its first epoch)')
   parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument('--runs', type=int, default=5)
   parser.add_argument('--workers', type=int, default=2)
-  parser.add_argument('--tf_threads', type=int, default=0,
-                      help='tf.data private threadpool size; 0: TF default')
+  parser.add_argument('--devices', type=int, default=2)
+  parser.add_argument('--dtype', default='float32', help='augmented image dtype')
   args = parser.parse_args(argv)
+  _set_device_count(argv)
 
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   with tempfile.TemporaryDirectory() as tmp:
     items = make_images(tmp, args.num_images)
-    rng = np.random.default_rng(0)
-    batches = np.stack([rng.choice(len(items), args.batch_size, replace=False)
-                        for _ in range(args.steps + 1)])
-    # PIL first: the pool forks before TensorFlow starts its threads.
-    pil_rate = bench_pil(items, batches, args.workers)
-    tf_rate = bench_tf(items, args.steps, args.batch_size, args.tf_threads)
-  print(f'cpus={os.cpu_count()} images={args.num_images} steps={args.steps} '
-        f'batch={args.batch_size} size=256x128')
-  print(f'tf.data pipeline:            {tf_rate:8.1f} images/s')
-  print(f'PIL + Pool({args.workers}) loader:      {pil_rate:8.1f} images/s')
-  print(f'ratio tf.data / PIL:         {tf_rate / pil_rate:8.2f}')
+    bench = Bench(args, items)
+    names = {'stream -> devices (augmented)': bench.stream_devices,
+             'cached -> devices (augmented)': bench.cached_devices,
+             f'PIL Pool({args.workers}) -> devices': bench.pil_devices,
+             'stream, host only': bench.stream_host,
+             'cached, host only': bench.cached_host,
+             'cached -> devices, no augment': bench.cached_delivery}
+    results = {name: [] for name in names}
+    for _ in range(args.runs):
+      for name, fn in names.items():
+        results[name].append(fn())
+    bench.pool.close()
+  print(f'cpus={os.cpu_count()} devices={len(bench.devices)} ({bench.devices[0].platform}) '
+        f'images={args.num_images} (128x64 JPEG) -> {_SIZE[0]}x{_SIZE[1]} '
+        f'batch={args.batch_size} steps/epoch={bench.spe} runs={args.runs} dtype={args.dtype}')
+  print(f'load average (1, 5, 15 min): {os.getloadavg()}')
+  medians = {}
+  for name, rates in results.items():
+    wall = statistics.median(r[0] for r in rates)
+    cpu = statistics.median(r[1] for r in rates)
+    medians[name] = wall
+    runs = ' '.join(f'{r[0]:.0f}' for r in rates)
+    print(f'{name:32s} {wall:9.0f} images/s   {cpu:8.0f} images per CPU-second   (runs: {runs})')
+  pil = medians[f'PIL Pool({args.workers}) -> devices']
+  print(f'ratio stream / PIL: {medians["stream -> devices (augmented)"] / pil:.2f}   '
+        f'cached / PIL: {medians["cached -> devices (augmented)"] / pil:.2f}')
 
 
 if __name__ == '__main__':

@@ -1,72 +1,60 @@
-"""Training and feature-extraction throughput: reid_jax vs an equivalent PyTorch step.
+"""Training and feature-extraction throughput: reid_jax vs the same step in PyTorch.
 
-Measures images/s, at 256x128 and a given global batch (P x K, K = 4), of
+Measures images/s of the Bag-of-Tricks ResNet-50 step (`configs/market.py`'s recipe:
+`ReIDModel` with BNNeck and last stride 1 for 751 identities, loss 'softmax_triplet',
+Adam with the BoT parameter groups), global batch P x K (default 16 = 4 x 4) at 256x128,
+float32 (or `--precision bf16`), through the path `reid_jax.train` runs:
 
-  * JAX train: the real `reid_jax.train_step.train_step`, pmapped over every local
-    device by `make_parallel_steps` (cross-device BN, triplet mining over the gathered
-    batch), on `configs/market.py`'s recipe: ResNet-50 `ReIDModel` (BNNeck, last
-    stride 1) for 751 identities, loss 'softmax_triplet', Adam with the BoT parameter
-    groups (`reid_jax.optim.create_optimizer`). The state is first put on the
-    replicated sharding the pmapped step returns it with (else its second call
-    compiles the step again), the batch on the devices as `prefetch_to_device` does.
-  * JAX eval: the pmapped `eval_step` (test feature after the neck).
-  * torch train / eval: the same model (a torchvision-equivalent ResNet-50 written
-    here, torchvision is not needed), the same losses (label-smoothed cross entropy +
-    batch-hard triplet with margin 0.3), `torch.optim.Adam` with BoT's per-parameter
-    groups, on the same batch, in the same process (run after the JAX part).
+  * JAX train: Market-like 128x64 JPEGs written to a temporary folder (as
+    `benchmarks/input_throughput.py` writes them) -> `pipeline.create_train_stream`
+    (PK sampler, decode, resize, uint8, the host cache of `config.input.cache='auto'`)
+    -> `pipeline.prefetch_to_device` -> the pmapped `p_train_step(state, acc, batch)` of
+    `train_step.make_parallel_steps` (augmentation on the device, state and metrics
+    accumulator donated, no host sync inside a run).
+  * JAX features: `p_eval_step` on a uint8 batch already on the devices (normalised
+    on the device).
+  * PyTorch train / features: the same network (`tests/torch_reference.py`'s
+    `make_torch_strong_baseline`, torchvision's ResNet-50 layout, with torchvision's
+    in-place ReLUs), label-smoothed cross entropy + batch-hard triplet (margin 0.3),
+    `torch.optim.Adam` with BoT's per-parameter groups, on one fixed, already
+    normalised float32 batch (the step alone: no input pipeline, no augmentation).
+    bf16: CPU (or CUDA) autocast to bfloat16.
 
-for 'fp32' and 'half' precision: bfloat16 activations on CPU/TPU (torch: CPU autocast
-to bfloat16), float16 with dynamic loss scaling on GPU (`reid_jax.precision`; torch:
-CUDA autocast + GradScaler). Each measurement runs `--warmup` untimed steps (the
-first one includes compilation, reported separately) and `--steps` timed steps, each
-timed on its own after blocking on its outputs; img/s uses the median step time.
+Both sides are compiled / warmed up first (`--warmup` steps; the first JAX call,
+compilation included, is reported). Then `--runs` rounds alternate the two: JAX run i,
+PyTorch run i, JAX run i + 1, ... Each run times `--steps` consecutive steps, blocking
+only at its end; its figure is steps * batch / wall time. Reported per kind: every run's
+figure, their median and the CPU seconds per step (all threads of the process: on a
+machine shared with other jobs wall time swings much more than CPU time), and the
+ratio of the medians JAX / PyTorch. Run on an otherwise idle machine for wall-clock
+numbers; the load average is printed before and after.
 
 Usage:
-  python benchmarks/train_throughput.py [--batch_size 16] [--steps 5] [--warmup 2]
-      [--precisions fp32,half] [--skip_half] [--skip_torch] [--skip_jax]
-      [--skip_eval] [--jax_impl pmap|jit|both] [--cpu_tuning auto|on|off]
-      [--xla_flags FLAGS]
-      [--torch_threads N] [--channels_last]
-
-XLA's CPU behaviour is set through XLA_FLAGS, read when JAX starts its backends:
-`--xla_flags` appends to it; `--cpu_tuning on` appends the recommended CPU flags
-(`reid_jax.cpu_tuning.CPU_XLA_FLAGS` where that module exists, else CPU_XLA_FLAGS
-below), `auto` (default) does what `reid_jax.main` does (`set_cpu_xla_flags()` where
-that exists, else nothing), `off` nothing; the flags in effect are printed. `--jax_impl jit` also measures
-`jax.jit(train_step, axis_name=None)` on one device (no pmap, per-device BN, state
-donated). The model is whatever `reid_jax.models.create_model` builds (its
-`conv_input_barrier`, where it has one, is printed).
-
-Each step's CPU time (all threads) is printed next to its wall time: on a machine
-shared with other jobs the wall time of a 2-core run can double, the CPU time much
-less so. Run it on an otherwise idle machine for wall-clock numbers; the load
-average is printed before, during and after.
+  python benchmarks/train_throughput.py [--runs 5] [--steps 4] [--warmup 2]
+      [--batch_size 16] [--precision fp32|bf16] [--num_images 512]
+      [--skip_torch] [--skip_eval] [--torch_threads N] [--nocpu_xla_flags]
 """
 
 import argparse
+import contextlib
 import functools
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import numpy as np
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
 NUM_CLASSES = 751  # Market-1501 training identities.
 IMAGE_SIZE = (256, 128)
 NUM_INSTANCES = 4  # K
-# Recommended XLA:CPU flags (see BENCHMARKS.md); mirrors reid_jax.cpu_tuning.
-CPU_XLA_FLAGS = (
-    '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',
-    '--xla_disable_hlo_passes=cse_barrier_expander',
-)
-
-
-# ----------------------------------------------------------------------------------
-# Timing helpers.
+RESNET50_LAYERS = (3, 4, 6, 3)
 
 
 def load_average() -> str:
@@ -77,302 +65,143 @@ def load_average() -> str:
     return 'n/a'
 
 
-def time_steps(step: Callable[[], Any], warmup: int, steps: int
-               ) -> tuple[float, list[float], list[float]]:
-  """Runs `step` (which must block until its results are ready) and times it.
-
-  Args:
-    step: a callable doing one blocking step.
-    warmup: untimed steps first (at least one; the first one's duration is returned).
-    steps: timed steps.
-
-  Returns:
-    (wall time of the first call in s, wall times of the timed steps in s, CPU times
-    (user + system, all threads of this process) of the timed steps in s).
-  """
-  first = 0.0
-  for i in range(max(warmup, 1)):
-    t0 = time.perf_counter()
-    step()
-    if i == 0:
-      first = time.perf_counter() - t0
-  walls, cpus = [], []
-  for _ in range(steps):
-    c0, t0 = time.process_time(), time.perf_counter()
-    step()
-    walls.append(time.perf_counter() - t0)
-    cpus.append(time.process_time() - c0)
-  return first, walls, cpus
+def timed(run: Callable[[], None]) -> tuple[float, float]:
+  """(wall s, CPU s of all threads of this process) of `run()`, which must block."""
+  cpu, wall = time.process_time(), time.perf_counter()
+  run()
+  return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def summarize(name: str, batch_size: int, first: float, walls: Sequence[float],
-              cpus: Sequence[float]) -> dict[str, Any]:
-  """Prints and returns a result row (img/s from the median wall time of a step).
-
-  The CPU seconds per step (all threads) are printed too: on a shared machine they
-  vary much less than wall time and still compare implementations' work (an idle
-  machine with n cores would need at least cpu_s / n wall seconds per step).
-  """
-  median = statistics.median(walls)
-  row = {
-      'name': name,
-      'img_s': batch_size / median,
-      'median_s': median,
-      'min_s': min(walls),
-      'max_s': max(walls),
-      'cpu_s': statistics.median(cpus),
-      'first_s': first,
-  }
-  print(f'  {name:<28s} {row["img_s"]:7.2f} img/s  step median {median:.3f} s '
-        f'(min {row["min_s"]:.3f}, max {row["max_s"]:.3f}), cpu {row["cpu_s"]:.2f} '
-        f's/step; first call {first:.1f} s; load {load_average()}', flush=True)
-  return row
+def _import_sibling(directory: str, name: str) -> Any:
+  """Imports module `name` from `directory` (benchmarks/ or tests/, not packages)."""
+  if directory not in sys.path:
+    sys.path.insert(0, directory)
+  return __import__(name)
 
 
-def pk_labels(batch_size: int, num_classes: int, seed: int = 0) -> np.ndarray:
-  """Labels of a P x K batch: P distinct identities, K consecutive images each."""
-  rng = np.random.default_rng(seed)
-  pids = rng.choice(num_classes, batch_size // NUM_INSTANCES, replace=False)
-  return np.repeat(pids, NUM_INSTANCES).astype(np.int32)
-
-
-# ----------------------------------------------------------------------------------
-# JAX.
-
-
-def jax_benchmark(args: argparse.Namespace, precision_name: str,
-                  images: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
-  """Times the pmapped train and eval steps of reid_jax in one precision.
-
-  Args:
-    args: parsed flags.
-    precision_name: 'fp32' or 'half'.
-    images: (B, H, W, 3) float32 normalised images.
-    labels: (B,) int32 PK labels.
-
-  Returns:
-    The result rows.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
+def make_config(args: argparse.Namespace) -> Any:
+  """The Market recipe at the benchmark's batch size and precision."""
   from configs import market  # pylint: disable=g-import-not-at-top
-  from flax import jax_utils  # pylint: disable=g-import-not-at-top
-  from reid_jax import models, optim, precision  # pylint: disable=g-import-not-at-top
-  from reid_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
-
   config = market.get_config()
   config.batch_size = args.batch_size
-  config.half_precision = precision_name == 'half'
-  dtype = precision.compute_dtype(config)
-  num_devices = jax.local_device_count()
-  if args.batch_size % num_devices:
-    raise SystemExit(f'--batch_size {args.batch_size} is not divisible by the '
-                     f'{num_devices} local devices.')
-  steps_per_epoch = 100  # Only affects the lr schedule's epoch boundaries.
-  tx = optim.create_optimizer(config, steps_per_epoch)
-  lr_fn = optim.create_lr_schedule(config, steps_per_epoch)
-  loss_config = step_lib.LossConfig.from_config(config)
-  rows = []
-  label = f'jax {np.dtype(dtype).name}'
-
-  def make_state(bn_axis_name: Optional[str]) -> step_lib.TrainState:
-    model = models.create_model(config.model, NUM_CLASSES, dtype=dtype,
-                                bn_axis_name=bn_axis_name)
-    if bn_axis_name is not None:
-      print(f'    model conv_input_barrier: '
-            f'{getattr(model, "conv_input_barrier", "n/a (not in this models.py)")}')
-    return step_lib.create_train_state(
-        jax.random.key(0), model, tx, IMAGE_SIZE, NUM_CLASSES,
-        dynamic_scale=precision.create_dynamic_scale(dtype))
-
-  if args.jax_impl in ('pmap', 'both'):
-    state = make_state(step_lib.AXIS_NAME)
-    p_train, p_eval = step_lib.make_parallel_steps(loss_config, lr_fn)
-    per_device = args.batch_size // num_devices
-    batch = {
-        'image': np.asarray(images, dtype).reshape(
-            num_devices, per_device, *images.shape[1:]),
-        'label': labels.reshape(num_devices, per_device),
-    }
-    # Sharded over the local devices as the training loop's prefetch_to_device does.
-    batch = next(jax_utils.prefetch_to_device(iter([batch]), 1))
-    # pmap (a shard_map over the local devices in this jax) returns the state with a
-    # replicated NamedSharding; handing it in with another sharding (as
-    # create_train_state makes it) compiles the step again on its second call.
-    if hasattr(step_lib, 'replicated_sharding'):
-      sharding = step_lib.replicated_sharding()
-    else:
-      mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (step_lib.AXIS_NAME,))
-      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.device_put(state, sharding)
-    holder = {'state': state}
-
-    def train_once():
-      holder['state'], metrics = p_train(holder['state'], batch)
-      jax.block_until_ready((holder['state'], metrics))
-
-    first, walls, cpus = time_steps(train_once, args.warmup, args.steps)
-    rows.append(summarize(f'{label} train (pmap)', args.batch_size, first, walls, cpus))
-    loss = float(np.mean(jax.device_get(
-        p_train(holder['state'], batch)[1]['loss'])))
-    print(f'    (loss after {args.warmup + args.steps + 1} steps: {loss:.4f})')
-    if not args.skip_eval:
-      def eval_once():
-        jax.block_until_ready(p_eval(holder['state'], batch))
-
-      first, walls, cpus = time_steps(eval_once, args.warmup, args.steps)
-      rows.append(summarize(f'{label} eval (pmap)', args.batch_size, first, walls, cpus))
-    del holder, state
-
-  if args.jax_impl in ('jit', 'both'):
-    state = make_state(None)
-    device = jax.local_devices()[0]
-    batch = jax.device_put(
-        {'image': np.asarray(images, dtype), 'label': labels}, device)
-    j_train = jax.jit(
-        functools.partial(step_lib.train_step, loss_config=loss_config,
-                          learning_rate_fn=lr_fn, axis_name=None),
-        donate_argnums=0)
-    j_eval = jax.jit(step_lib.eval_step)
-    holder = {'state': jax.device_put(state, device)}
-
-    def train_once_jit():
-      holder['state'], metrics = j_train(holder['state'], batch)
-      jax.block_until_ready((holder['state'], metrics))
-
-    first, walls, cpus = time_steps(train_once_jit, args.warmup, args.steps)
-    rows.append(summarize(f'{label} train (jit, 1 dev)', args.batch_size, first,
-                          walls, cpus))
-    if not args.skip_eval:
-      def eval_once_jit():
-        jax.block_until_ready(j_eval(holder['state'], batch))
-
-      first, walls, cpus = time_steps(eval_once_jit, args.warmup, args.steps)
-      rows.append(summarize(f'{label} eval (jit, 1 dev)', args.batch_size, first,
-                            walls, cpus))
-    del holder, state
-  return rows
+  config.num_instances = NUM_INSTANCES
+  config.input.image_size = IMAGE_SIZE
+  config.dtype = 'bfloat16' if args.precision == 'bf16' else 'float32'
+  return config
 
 
 # ----------------------------------------------------------------------------------
-# PyTorch: torchvision-equivalent ResNet-50 + BNNeck and the BoT losses.
+# JAX: the training loop's path.
 
 
-def build_torch_model(num_classes: int, last_stride: int = 1) -> Any:
-  """BoT's Baseline model (ResNet-50, BNNeck, neck_feat 'after') in plain torch.
+class JaxBench:
+  """reid_jax's train step fed by the host stream, and its eval step."""
 
-  Args:
-    num_classes: training identities.
-    last_stride: stride of layer4.
+  def __init__(self, args: argparse.Namespace, config: Any, records: Sequence[Any],
+               eval_batch: dict[str, np.ndarray]):
+    """Builds the state, the stream and the steps, and compiles them.
 
-  Returns:
-    An nn.Module whose forward returns (logits, global_feat) in training mode and
-    the BN-neck feature in eval mode.
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
+    Args:
+      args: parsed flags.
+      config: from `make_config`.
+      records: the training records (generated JPEGs).
+      eval_batch: a host uint8 batch laid out (D, b, ...) for the eval step.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    from input_pipeline import device_augment, pipeline  # pylint: disable=g-import-not-at-top
+    from reid_jax import models, optim, precision  # pylint: disable=g-import-not-at-top
+    from reid_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+    self.jax, self.args = jax, args
+    num_devices = jax.local_device_count()
+    dtype = precision.compute_dtype(config)
+    spe = pipeline.steps_per_epoch(records, config, num_devices)
+    model = models.create_model(config.model, NUM_CLASSES, dtype=dtype,
+                                bn_axis_name=step_lib.AXIS_NAME)
+    print(f'  jax: {num_devices} device(s), compute dtype {np.dtype(dtype).name}, '
+          f'conv_input_barrier {model.conv_input_barrier}, {spe} steps per epoch',
+          flush=True)
+    lr_fn = optim.create_lr_schedule(config, spe)
+    state = step_lib.create_train_state(
+        jax.random.key(config.seed), model, optim.create_optimizer(config, spe),
+        IMAGE_SIZE, NUM_CLASSES, dynamic_scale=precision.create_dynamic_scale(dtype))
+    step_kwargs = dict(
+        loss_config=step_lib.LossConfig.from_config(config), learning_rate_fn=lr_fn,
+        augment_config=device_augment.AugmentConfig.from_config(config.input),
+        seed=config.seed, image_dtype=dtype)
+    self.p_train, self.p_eval = step_lib.make_parallel_steps(**step_kwargs)
+    acc = self._initial_acc(step_lib, state, step_kwargs, config.batch_size // num_devices)
+    # On the devices as the pmapped step returns them, else its 2nd call compiles again.
+    self.state, self.acc = jax.device_put((state, acc), step_lib.replicated_sharding())
+    num_steps = args.warmup + args.runs * args.steps
+    stream = pipeline.create_train_stream(
+        records, config, steps_per_epoch=spe, start_step=0, num_steps=num_steps,
+        num_local_devices=num_devices)
+    print(f'  jax input: {stream.cache.reason}', flush=True)
+    self.batches = pipeline.prefetch_to_device(stream, config.prefetch_batches)
+    self.eval_batch = next(pipeline.prefetch_to_device(iter([eval_batch]), 1))
+    self.first_train_s, _ = timed(lambda: self._train(1))
+    self._train(args.warmup - 1)
+    self.first_eval_s, _ = timed(lambda: self._eval(1))
+    self._eval(args.warmup - 1)
 
-  class Bottleneck(nn.Module):
-    """torchvision's Bottleneck (v1.5: stride on the 3x3 conv)."""
-    expansion = 4
+  def _initial_acc(self, step_lib: Any, state: Any, step_kwargs: dict,
+                   per_device: int) -> dict:
+    """The zero metrics accumulator, shaped as `reid_jax.train` shapes it."""
+    jax = self.jax
+    height, width = IMAGE_SIZE
+    batch = {'image': jax.ShapeDtypeStruct((1, per_device, height, width, 3), np.uint8),
+             **{k: jax.ShapeDtypeStruct((1, per_device), np.int32)
+                for k in ('label', 'epoch', 'position')}}
+    step = functools.partial(step_lib.train_step, **step_kwargs)
+    # vmap over one "device" binds the collectives' axis name, as pmap does.
+    _, shapes = jax.eval_shape(
+        jax.vmap(step, in_axes=(None, 0), axis_name=step_lib.AXIS_NAME), state, batch)
+    return step_lib.init_metrics_acc(shapes)
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None):
-      super().__init__()
-      self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(planes)
-      self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-      self.bn2 = nn.BatchNorm2d(planes)
-      self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-      self.bn3 = nn.BatchNorm2d(planes * 4)
-      self.relu = nn.ReLU(inplace=True)
-      self.downsample = downsample
+  def _train(self, steps: int) -> None:
+    for _ in range(steps):
+      self.state, self.acc = self.p_train(self.state, self.acc, next(self.batches))
+    self.jax.block_until_ready((self.state, self.acc))
 
-    def forward(self, x):
-      identity = x
-      out = self.relu(self.bn1(self.conv1(x)))
-      out = self.relu(self.bn2(self.conv2(out)))
-      out = self.bn3(self.conv3(out))
-      if self.downsample is not None:
-        identity = self.downsample(x)
-      return self.relu(out + identity)
+  def _eval(self, steps: int) -> None:
+    out = None
+    for _ in range(steps):
+      out = self.p_eval(self.state, self.eval_batch)
+    self.jax.block_until_ready(out)
 
-  class ResNet50(nn.Module):
-    """torchvision resnet50 without avgpool/fc, with a configurable last stride."""
+  def train_run(self) -> tuple[float, float]:
+    return timed(lambda: self._train(self.args.steps))
 
-    def __init__(self, last_stride: int):
-      super().__init__()
-      self.inplanes = 64
-      self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-      self.bn1 = nn.BatchNorm2d(64)
-      self.relu = nn.ReLU(inplace=True)
-      self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-      self.layer1 = self._make_layer(64, 3, 1)
-      self.layer2 = self._make_layer(128, 4, 2)
-      self.layer3 = self._make_layer(256, 6, 2)
-      self.layer4 = self._make_layer(512, 3, last_stride)
-      for m in self.modules():
-        if isinstance(m, nn.Conv2d):
-          nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        elif isinstance(m, nn.BatchNorm2d):
-          nn.init.constant_(m.weight, 1)
-          nn.init.constant_(m.bias, 0)
+  def eval_run(self) -> tuple[float, float]:
+    return timed(lambda: self._eval(self.args.steps))
 
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Module:
-      downsample = None
-      if stride != 1 or self.inplanes != planes * 4:
-        downsample = nn.Sequential(
-            nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False),
-            nn.BatchNorm2d(planes * 4))
-      layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
-      self.inplanes = planes * 4
-      layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
-      return nn.Sequential(*layers)
+  def summary(self) -> str:
+    """Mean loss and skipped steps over every step run (fetched once, at the end)."""
+    acc = self.jax.device_get(self.acc)
+    self.batches.close()
+    finite = max(int(acc['finite_steps']), 1)
+    terms = ', '.join(f'{k} {float(acc["sums"][k]) / finite:.4f}'
+                      for k in ('loss', 'ce_loss', 'triplet_loss'))
+    return (f'means over {int(acc["finite_steps"])} steps: {terms}; '
+            f'{int(acc["skipped_steps"])} skipped')
 
-    def forward(self, x):
-      x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-      return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-  class Baseline(nn.Module):
-    """BoT's Baseline: backbone, global average pooling, BNNeck, classifier."""
-
-    def __init__(self):
-      super().__init__()
-      self.base = ResNet50(last_stride)
-      self.gap = nn.AdaptiveAvgPool2d(1)
-      self.bottleneck = nn.BatchNorm1d(2048)
-      self.bottleneck.bias.requires_grad_(False)
-      nn.init.constant_(self.bottleneck.weight, 1)
-      nn.init.constant_(self.bottleneck.bias, 0)
-      self.classifier = nn.Linear(2048, num_classes, bias=False)
-      nn.init.normal_(self.classifier.weight, std=0.001)
-
-    def forward(self, x):
-      global_feat = self.gap(self.base(x)).flatten(1)
-      feat = self.bottleneck(global_feat)
-      if self.training:
-        return self.classifier(feat), global_feat
-      return feat
-
-  del torch
-  return Baseline()
+# ----------------------------------------------------------------------------------
+# PyTorch: the same model, losses and optimizer.
 
 
 def torch_losses(logits: Any, feat: Any, labels: Any, epsilon: float = 0.1,
                  margin: float = 0.3) -> Any:
   """BoT's CrossEntropyLabelSmooth + TripletLoss (hard mining) on float32 inputs."""
   import torch  # pylint: disable=g-import-not-at-top
-  logits = logits.float()
-  feat = feat.float()
-  num_classes = logits.shape[1]
+  logits, feat = logits.float(), feat.float()
   log_probs = torch.log_softmax(logits, dim=1)
   targets = torch.zeros_like(log_probs).scatter_(1, labels.unsqueeze(1), 1)
-  targets = (1 - epsilon) * targets + epsilon / num_classes
+  targets = (1 - epsilon) * targets + epsilon / logits.shape[1]
   ce = (-targets * log_probs).mean(0).sum()
   n = feat.shape[0]
   sq = feat.pow(2).sum(dim=1, keepdim=True).expand(n, n)
-  dist = sq + sq.t()
-  dist = dist.addmm(feat, feat.t(), beta=1, alpha=-2)
-  dist = dist.clamp(min=1e-12).sqrt()
+  dist = (sq + sq.t()).addmm(feat, feat.t(), beta=1, alpha=-2).clamp(min=1e-12).sqrt()
   is_pos = labels.expand(n, n).eq(labels.expand(n, n).t())
   dist_ap = torch.max(dist[is_pos].contiguous().view(n, -1), 1)[0]
   dist_an = torch.min(dist[~is_pos].contiguous().view(n, -1), 1)[0]
@@ -381,222 +210,214 @@ def torch_losses(logits: Any, feat: Any, labels: Any, epsilon: float = 0.1,
   return ce + tri
 
 
-def torch_benchmark(args: argparse.Namespace, precision_name: str,
-                    images: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
-  """Times the PyTorch train and eval steps in one precision.
+class TorchBench:
+  """The PyTorch train and eval steps on one fixed batch."""
 
-  Args:
-    args: parsed flags.
-    precision_name: 'fp32' or 'half' (bfloat16 autocast on CPU, float16 autocast +
-      GradScaler on CUDA).
-    images: (B, H, W, 3) float32 images (transposed to NCHW here).
-    labels: (B,) int32 labels.
+  def __init__(self, args: argparse.Namespace, images: np.ndarray, labels: np.ndarray):
+    """Builds the model and optimizer and warms them up.
 
-  Returns:
-    The result rows.
-  """
-  import contextlib  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+    Args:
+      args: parsed flags.
+      images: (B, H, W, 3) float32 normalised images.
+      labels: (B,) int labels.
+    """
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_reference = _import_sibling(os.path.join(_ROOT, 'tests'), 'torch_reference')
+    self.torch, self.args = torch, args
+    self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    model = torch_reference.make_torch_strong_baseline(
+        RESNET50_LAYERS, last_stride=1, num_classes=NUM_CLASSES, seed=0)
+    for module in model.modules():  # torchvision's ResNet uses in-place ReLUs
+      if isinstance(module, torch.nn.ReLU):
+        module.inplace = True
+    self.model = model.to(self.device)
+    # BoT's make_optimizer: one group per tensor (the bias lr factor and weight decay
+    # equal the defaults in this recipe).
+    self.optimizer = torch.optim.Adam(
+        [{'params': [p], 'lr': 3.5e-4, 'weight_decay': 5e-4}
+         for p in self.model.parameters() if p.requires_grad])
+    self.x = torch.from_numpy(
+        np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.device)
+    self.y = torch.from_numpy(labels.astype(np.int64)).to(self.device)
+    self.loss = None
+    self._train(args.warmup)
+    self._eval(args.warmup)
 
-  torch.manual_seed(0)
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  half = precision_name == 'half'
-  half_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
-  model = build_torch_model(NUM_CLASSES).to(device)
-  memory_format = (torch.channels_last if args.channels_last
-                   else torch.contiguous_format)
-  model = model.to(memory_format=memory_format)
-  # BoT's make_optimizer: one parameter group per tensor (bias groups would get
-  # base_lr * bias_lr_factor and weight_decay_bias, both equal to the defaults here).
-  groups = [{'params': [p], 'lr': 3.5e-4, 'weight_decay': 5e-4}
-            for _, p in model.named_parameters() if p.requires_grad]
-  optimizer = torch.optim.Adam(groups)
-  scaler = torch.amp.GradScaler('cuda') if half and device.type == 'cuda' else None
-  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
-  x = x.contiguous(memory_format=memory_format)
-  y = torch.from_numpy(labels.astype(np.int64)).to(device)
-
-  def autocast():
-    if half:
-      return torch.autocast(device_type=device.type, dtype=half_dtype)
+  def _autocast(self) -> Any:
+    if self.args.precision == 'bf16':
+      return self.torch.autocast(device_type=self.device.type, dtype=self.torch.bfloat16)
     return contextlib.nullcontext()
 
-  def sync():
-    if device.type == 'cuda':
-      torch.cuda.synchronize()
+  def _sync(self) -> None:
+    if self.device.type == 'cuda':
+      self.torch.cuda.synchronize()
 
-  def train_once():
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    with autocast():
-      logits, feat = model(x)
-    loss = torch_losses(logits, feat, y)
-    if scaler is not None:
-      scaler.scale(loss).backward()
-      scaler.step(optimizer)
-      scaler.update()
-    else:
+  def _train(self, steps: int) -> None:
+    self.model.train()
+    for _ in range(steps):
+      self.optimizer.zero_grad(set_to_none=True)
+      with self._autocast():
+        logits, feat = self.model(self.x)
+      loss = torch_losses(logits, feat, self.y)
       loss.backward()
-      optimizer.step()
-    loss.item()
-    sync()
+      self.optimizer.step()
+      self.loss = loss.detach()
+    self._sync()
 
-  def eval_once():
-    model.eval()
-    with torch.no_grad(), autocast():
-      model(x).float().sum().item()
-    sync()
+  def _eval(self, steps: int) -> None:
+    self.model.eval()
+    with self.torch.no_grad(), self._autocast():
+      for _ in range(steps):
+        self.model(self.x)
+    self._sync()
 
-  name = f'torch {str(half_dtype).split(".")[-1] if half else "float32"}'
-  if args.channels_last:
-    name += ' NHWC'
-  rows = []
-  first, walls, cpus = time_steps(train_once, args.warmup, args.steps)
-  rows.append(summarize(f'{name} train', args.batch_size, first, walls, cpus))
-  if not args.skip_eval:
-    first, walls, cpus = time_steps(eval_once, args.warmup, args.steps)
-    rows.append(summarize(f'{name} eval', args.batch_size, first, walls, cpus))
-  return rows
+  def train_run(self) -> tuple[float, float]:
+    return timed(lambda: self._train(self.args.steps))
+
+  def eval_run(self) -> tuple[float, float]:
+    return timed(lambda: self._eval(self.args.steps))
+
+  def summary(self) -> str:
+    return f'last loss {float(self.loss):.4f}'
 
 
 # ----------------------------------------------------------------------------------
 # Main.
 
 
-def set_xla_flags(args: argparse.Namespace) -> None:
-  """Appends --xla_flags and (per --cpu_tuning) the CPU flags to XLA_FLAGS.
+def make_data(args: argparse.Namespace, config: Any, tmp: str
+              ) -> tuple[list[Any], dict[str, np.ndarray], np.ndarray, np.ndarray]:
+  """Writes the JPEGs and reads one batch through the host stream.
 
-  Must run before JAX starts its backends.
+  Returns:
+    (training records, the host uint8 batch (D, b, ...) for JAX's eval step, that
+    batch normalised as float32 (B, H, W, 3) and its labels (B,) for PyTorch).
   """
-  if args.xla_flags:
-    os.environ['XLA_FLAGS'] = ' '.join(
-        [os.environ.get('XLA_FLAGS', ''), args.xla_flags]).strip()
-  if args.cpu_tuning == 'off':
-    return
-  try:
-    from reid_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    cpu_tuning = None
-  if cpu_tuning is not None:
-    cpu_tuning.set_cpu_xla_flags(force=args.cpu_tuning == 'on')
-  elif args.cpu_tuning == 'on':
-    current = os.environ.get('XLA_FLAGS', '')
-    extra = [f for f in CPU_XLA_FLAGS if f.split('=')[0] not in current]
-    os.environ['XLA_FLAGS'] = ' '.join([current, *extra]).strip()
+  import jax  # pylint: disable=g-import-not-at-top
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  from input_pipeline.records import Record  # pylint: disable=g-import-not-at-top
+  input_throughput = _import_sibling(_HERE, 'input_throughput')
+  items = input_throughput.make_images(tmp, args.num_images, NUM_INSTANCES)
+  records = [Record(path, pid, 0) for path, pid in items]
+  num_devices = jax.local_device_count()
+  batch = next(pipeline.create_train_stream(
+      records, config, steps_per_epoch=1, start_step=0, num_steps=1,
+      num_local_devices=num_devices, cache='none'))
+  eval_batch = {'image': batch['image']}
+  uint8 = batch['image'].reshape(-1, *IMAGE_SIZE, 3)
+  mean = np.asarray(config.input.pixel_mean, np.float32)
+  std = np.asarray(config.input.pixel_std, np.float32)
+  images = (uint8.astype(np.float32) / 255.0 - mean) / std
+  return records, eval_batch, images, batch['label'].reshape(-1)
 
 
-def print_environment(args: argparse.Namespace) -> None:
-  """Prints versions, devices and thread settings."""
+def print_environment(args: argparse.Namespace, added_flags: Sequence[str]) -> None:
+  """Prints versions, devices, thread settings and the load average."""
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
-  print(f'python {platform.python_version()}, jax {jax.__version__}, '
-        f'jaxlib {jaxlib.__version__}, numpy {np.__version__}')
   devices = jax.local_devices()
-  print(f'jax backend {jax.default_backend()}: {len(devices)} x '
-        f'{devices[0].device_kind}')
-  print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
-  print(f'os.cpu_count()={os.cpu_count()}, usable cpus={cpus}, '
-        f'processor={platform.processor() or platform.machine()}')
-  for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'TF_NUM_INTRAOP_THREADS'):
-    if var in os.environ:
-      print(f'{var}={os.environ[var]}')
+  print(f'python {platform.python_version()}, jax {jax.__version__}, jaxlib '
+        f'{jaxlib.__version__}, numpy {np.__version__}; {jax.default_backend()}: '
+        f'{len(devices)} x {devices[0].device_kind}; cpu_count {os.cpu_count()}, usable '
+        f'{cpus}, {platform.processor() or platform.machine()}')
+  print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r} (cpu_tuning added '
+        f'{list(added_flags)})')
   if not args.skip_torch:
     import torch  # pylint: disable=g-import-not-at-top
     if args.torch_threads:
       torch.set_num_threads(args.torch_threads)
     print(f'torch {torch.__version__}: intra-op threads {torch.get_num_threads()}, '
-          f'inter-op threads {torch.get_num_interop_threads()}, mkldnn '
-          f'{torch.backends.mkldnn.is_available()}, cuda {torch.cuda.is_available()}')
+          f'inter-op threads {torch.get_num_interop_threads()}, cuda '
+          f'{torch.cuda.is_available()}')
   print(f'batch {args.batch_size} (P={args.batch_size // NUM_INSTANCES} x '
         f'K={NUM_INSTANCES}) at {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, {NUM_CLASSES} classes, '
-        f'warmup {args.warmup}, timed steps {args.steps}; load average '
-        f'{load_average()}', flush=True)
+        f'{args.precision}; {args.runs} runs x {args.steps} steps, warmup '
+        f'{args.warmup}; load average {load_average()}', flush=True)
+
+
+def report(name: str, batch_size: int, steps: int,
+           runs: Sequence[tuple[float, float]]) -> float:
+  """Prints one kind's per-run img/s and median; returns the median img/s."""
+  rates = [steps * batch_size / wall for wall, _ in runs]
+  median = statistics.median(rates)
+  cpu = statistics.median(c / steps for _, c in runs)
+  print(f'  {name:<16s} median {median:7.2f} img/s  (runs: '
+        f'{" ".join(f"{r:.2f}" for r in rates)}), cpu {cpu:.2f} s/step')
+  return median
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  """Parses the command line."""
+  """Parses and checks the command line."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch_size', type=int, default=16,
                       help='global batch, P * K with K = 4')
-  parser.add_argument('--steps', type=int, default=5, help='timed steps')
+  parser.add_argument('--runs', type=int, default=5, help='interleaved runs per side')
+  parser.add_argument('--steps', type=int, default=4, help='timed steps per run')
   parser.add_argument('--warmup', type=int, default=2,
-                      help='untimed steps first (the first compiles)')
-  parser.add_argument('--precisions', default='fp32,half',
-                      help='comma-separated subset of fp32,half')
-  parser.add_argument('--skip_half', action='store_true', help='fp32 only')
+                      help='untimed steps first (the first JAX call compiles)')
+  parser.add_argument('--precision', default='fp32', choices=('fp32', 'bf16'))
+  parser.add_argument('--num_images', type=int, default=512,
+                      help='generated 128x64 JPEGs (K=4 per identity)')
   parser.add_argument('--skip_torch', action='store_true', help='JAX only')
-  parser.add_argument('--skip_jax', action='store_true', help='PyTorch only')
   parser.add_argument('--skip_eval', action='store_true',
                       help='train steps only (no feature extraction)')
-  parser.add_argument('--jax_impl', default='pmap', choices=('pmap', 'jit', 'both'),
-                      help='pmap: make_parallel_steps (as training); jit: '
-                      'jax.jit(train_step, axis_name=None) on one device')
-  parser.add_argument('--cpu_tuning', default='auto', choices=('auto', 'on', 'off'),
-                      help='recommended XLA:CPU flags: auto = as reid_jax.main does, '
-                      'on = always, off = never')
-  parser.add_argument('--xla_flags', default='',
-                      help='extra flags appended to XLA_FLAGS (before JAX starts)')
   parser.add_argument('--torch_threads', type=int, default=0,
                       help='torch.set_num_threads (0: torch default)')
-  parser.add_argument('--channels_last', action='store_true',
-                      help='run the torch model in channels_last (NHWC) memory format')
+  parser.add_argument('--cpu_xla_flags', action=argparse.BooleanOptionalAction,
+                      default=True, help='reid_jax.cpu_tuning.set_cpu_xla_flags(), '
+                      'as reid_jax.main does')
   args = parser.parse_args(argv)
   if args.batch_size <= 0 or args.batch_size % NUM_INSTANCES:
-    parser.error(f'--batch_size must be a positive multiple of K={NUM_INSTANCES}.')
+    parser.error(f'--batch_size must be a positive multiple of K={NUM_INSTANCES}, '
+                 f'got {args.batch_size}.')
   if args.batch_size // NUM_INSTANCES < 2:
     parser.error('--batch_size needs at least P=2 identities for triplet mining.')
-  precisions = [p.strip() for p in args.precisions.split(',') if p.strip()]
-  unknown = set(precisions) - {'fp32', 'half'}
-  if unknown:
-    parser.error(f'unknown --precisions {sorted(unknown)}; use fp32 and/or half.')
-  if args.skip_half:
-    precisions = [p for p in precisions if p != 'half']
-  args.precision_list = precisions
-  if args.steps <= 0:
-    parser.error('--steps must be positive.')
+  for name in ('runs', 'steps', 'warmup'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be at least 1, got {getattr(args, name)}.')
+  if args.num_images < 2 * args.batch_size:
+    parser.error(f'--num_images must be at least twice --batch_size, got '
+                 f'{args.num_images}.')
   return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the benchmark and prints the table."""
+  """Runs JAX and PyTorch interleaved and prints the medians and their ratio."""
   args = parse_args(argv)
-  set_xla_flags(args)
-  print_environment(args)
-  rng = np.random.default_rng(0)
-  images = rng.standard_normal(
-      (args.batch_size, *IMAGE_SIZE, 3), dtype=np.float32)
-  labels = pk_labels(args.batch_size, NUM_CLASSES)
-  results: dict[str, list[dict[str, Any]]] = {}
-  # All JAX measurements first: torch's OpenMP threads would otherwise spin next to
-  # XLA's thread pool.
-  if not args.skip_jax:
-    for prec in args.precision_list:
-      print(f'JAX {prec}:', flush=True)
-      results[f'jax {prec}'] = jax_benchmark(args, prec, images, labels)
-  if not args.skip_torch:
-    for prec in args.precision_list:
-      print(f'PyTorch {prec}:', flush=True)
-      results[f'torch {prec}'] = torch_benchmark(args, prec, images, labels)
-
-  print(f'\nload average after: {load_average()}')
-  print('\n| precision | step | JAX impl | JAX img/s | PyTorch img/s | JAX / PyTorch |')
-  print('|---|---|---|---:|---:|---:|')
-  for prec in args.precision_list:
-    jax_rows = results.get(f'jax {prec}', [])
-    torch_rows = {r['name'].split()[-1]: r for r in results.get(f'torch {prec}', [])}
+  added = []
+  if args.cpu_xla_flags:
+    from reid_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+    added = cpu_tuning.set_cpu_xla_flags()  # before anything starts JAX's backends
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # tf.data only, as reid_jax.main
+  print_environment(args, added)
+  config = make_config(args)
+  with tempfile.TemporaryDirectory() as tmp:
+    records, eval_batch, images, labels = make_data(args, config, tmp)
+    benches = {'jax': JaxBench(args, config, records, eval_batch)}
+    print(f'  jax first train call (compiles) {benches["jax"].first_train_s:.1f} s, '
+          f'first eval call {benches["jax"].first_eval_s:.1f} s', flush=True)
+    if not args.skip_torch:
+      benches['torch'] = TorchBench(args, images, labels)
     kinds = ['train'] + ([] if args.skip_eval else ['eval'])
+    times = {(side, kind): [] for side in benches for kind in kinds}
+    for i in range(args.runs):
+      for kind in kinds:
+        for side, bench in benches.items():
+          times[side, kind].append(getattr(bench, f'{kind}_run')())
+      print(f'  run {i + 1}/{args.runs} done; load {load_average()}', flush=True)
+    for side, bench in benches.items():
+      print(f'  {side}: {bench.summary()}')
+  print(f'\nload average after: {load_average()}')
+  medians = {}
+  for key, runs in times.items():
+    medians[key] = report(' '.join(key), args.batch_size, args.steps, runs)
+  if 'torch' in benches:
     for kind in kinds:
-      matching = [r for r in jax_rows if f' {kind} ' in r['name']] or [None]
-      for row in matching:
-        other = torch_rows.get(kind)
-        impl = row['name'].split('(')[-1].rstrip(')') if row else '-'
-        jax_s = f'{row["img_s"]:.2f}' if row else '-'
-        torch_s = f'{other["img_s"]:.2f}' if other else '-'
-        ratio = (f'{row["img_s"] / other["img_s"]:.2f}' if row and other else '-')
-        dtype_name = row['name'].split()[1] if row else prec
-        print(f'| {prec} ({dtype_name}) | {kind} | {impl} | {jax_s} | {torch_s} | '
-              f'{ratio} |')
+      print(f'  JAX / PyTorch {kind}: {medians["jax", kind] / medians["torch", kind]:.2f}'
+            f' (ratio of the medians)')
   return 0
 
 

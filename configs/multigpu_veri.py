@@ -10,5 +10,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'veri776'
   config.data_dir = 'data/VeRi'
   config.input.image_size = (384, 384)
-  config.half_precision = True
+  # The recipe's fp16 (apex): explicit, so bfloat16-capable GPUs do not change it.
+  config.dtype = 'float16'
   return config

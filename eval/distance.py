@@ -1,13 +1,21 @@
-"""Query-gallery distance matrices, computed in row blocks with JAX.
+"""Query-gallery distances, computed in blocks with JAX; the list of distances.
 
 All computations are float32 with HIGHEST matmul precision (no TF32/bf16
-passes on GPU/TPU). The results are numpy arrays on the host, assembled from
-(block_size, num_gallery) blocks so the device never holds more than one block
-of the output at a time beyond the inputs.
+passes on GPU/TPU). The dense matrices are numpy arrays on the host, assembled
+from (block_size, num_gallery) blocks so the device never holds more than one
+block of the output at a time beyond the inputs; `distance_tile` is the
+(query block x gallery block) kernel of the streamed metrics.
+
+`DISTANCES` is the one list of the distances the evaluation accepts
+(metrics, re-ranking, reports): 'euclidean' is the *squared* Euclidean
+distance of the BoT baseline and torchreid, 'cosine' is 1 - cos.
+
+Dense forms (a Q x G matrix on the host) are refused above a memory limit
+with `MemoryLimitError`, which says how much memory the computation would need.
 """
 
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +24,40 @@ import numpy as np
 ArrayLike = Any
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+DISTANCES = ('euclidean', 'cosine')
+# Default limit of the dense computations (distance matrices, re-ranking).
+DEFAULT_MAX_DENSE_BYTES = 16 * 2**30
+
+
+class MemoryLimitError(MemoryError):
+  """A dense computation would need more memory than its limit allows."""
+
+
+def check_distance(distance: str) -> str:
+  """Returns `distance` if it is one of `DISTANCES`, raising ValueError otherwise."""
+  if distance not in DISTANCES:
+    raise ValueError(f'Unknown distance {distance!r}; expected one of {DISTANCES}.')
+  return distance
+
+
+def check_memory(what: str, needed_bytes: int, max_bytes: Optional[int], hint: str = '') -> None:
+  """Refuses a dense computation whose memory estimate exceeds `max_bytes`.
+
+  Args:
+    what: the computation and its size, for the message.
+    needed_bytes: estimated peak memory of the computation.
+    max_bytes: the limit (None: no limit).
+    hint: what to do instead, appended to the message.
+
+  Raises:
+    MemoryLimitError: when needed_bytes > max_bytes.
+  """
+  if max_bytes is not None and needed_bytes > max_bytes:
+    raise MemoryLimitError(
+        f'{what} would need about {needed_bytes / 2**30:.2f} GiB, more than the limit of '
+        f'{max_bytes / 2**30:.2f} GiB (max_bytes); refusing to start it.' +
+        (f' {hint}' if hint else ''))
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: Any = np.float32,
@@ -56,20 +98,50 @@ def l2_normalize(x: ArrayLike, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x / jnp.maximum(norm, eps)
 
 
-@functools.partial(jax.jit, static_argnames=('squared',))
-def _euclidean_block(q: jax.Array, g: jax.Array, g_sq: jax.Array, squared: bool) -> jax.Array:
-  """(B, G) euclidean distances of a block of queries to all gallery rows."""
-  q_sq = jnp.sum(q * q, axis=1, keepdims=True)
-  d = q_sq + g_sq[None, :] - 2.0 * jnp.matmul(q, g.T, precision=_HIGHEST)
-  if squared:
-    return d
-  return jnp.sqrt(jnp.maximum(d, 0.0))
+@functools.partial(jax.jit, static_argnames=('distance',))
+def prepare_rows(x: jax.Array, distance: str) -> tuple[jax.Array, jax.Array]:
+  """Per-row operands of `distance_tile`, computed once per block of rows.
+
+  Kept out of the tile kernel on purpose: XLA:CPU fuses a row reduction into
+  the elementwise epilogue of the matmul and recomputes it for every output
+  element (+40% time on a 512 x 512 x 2048 tile).
+
+  Args:
+    x: (B, D) float32 features.
+    distance: one of `DISTANCES` (static).
+
+  Returns:
+    euclidean: (x, squared norms (B,)); cosine: (x / max(|x|, 1e-12), zeros (B,)).
+  """
+  if distance == 'euclidean':
+    return x, jnp.sum(x * x, axis=1)
+  return l2_normalize(x), jnp.zeros(x.shape[0], jnp.float32)
 
 
-@jax.jit
-def _cosine_block(q: jax.Array, g_normed: jax.Array) -> jax.Array:
-  """(B, G) cosine distances of a block of queries to normalised gallery rows."""
-  return 1.0 - jnp.matmul(l2_normalize(q), g_normed.T, precision=_HIGHEST)
+@functools.partial(jax.jit, static_argnames=('distance',))
+def distance_tile(q: jax.Array, q_aux: jax.Array, g: jax.Array, g_aux: jax.Array,
+                  distance: str) -> jax.Array:
+  """(B, C) distances of a block of queries to a block of gallery rows.
+
+  Each entry depends only on its query and gallery rows (verified bitwise on
+  XLA:CPU for a fixed tile shape, whatever the other rows hold), which the
+  streamed metrics rely on to compare distances computed in different tiles.
+
+  Args:
+    q: (B, D) query operand of `prepare_rows`.
+    q_aux: (B,) its second output.
+    g: (C, D) gallery operand of `prepare_rows`.
+    g_aux: (C,) its second output.
+    distance: one of `DISTANCES` (static).
+
+  Returns:
+    (B, C) float32: squared Euclidean `|q|^2 + |g|^2 - 2 q.g` (as
+    `euclidean_distance`) or cosine `1 - cos(q, g)` (as `cosine_distance`).
+  """
+  dot = jnp.matmul(q, g.T, precision=_HIGHEST)
+  if distance == 'euclidean':
+    return q_aux[:, None] + g_aux[None, :] - 2.0 * dot
+  return 1.0 - dot
 
 
 def _check_features(q: ArrayLike, g: ArrayLike) -> tuple[jax.Array, jax.Array]:
@@ -83,24 +155,27 @@ def _check_features(q: ArrayLike, g: ArrayLike) -> tuple[jax.Array, jax.Array]:
   return q, g
 
 
-def _blockwise(fn, q: jax.Array, block_size: int, *args) -> np.ndarray:
-  """Applies `fn(q_block, *args)` over row blocks of `q` into a host array."""
+def _blockwise(q: jax.Array, g: jax.Array, distance: str, block_size: int,
+               post=None) -> np.ndarray:
+  """Dense (Q, G) host matrix of `distance_tile` over row blocks of `q`."""
   if block_size < 1:
     raise ValueError(f'block_size must be >= 1, got {block_size}.')
   num_q = q.shape[0]
-  out = None
+  out = aligned_empty((num_q, g.shape[0]), np.float32)
+  g_ops = prepare_rows(g, distance)
   for start in range(0, num_q, block_size):
     stop = min(start + block_size, num_q)
     block = q[start:stop]
     if stop - start < block_size and num_q > block_size:
       block = jnp.pad(block, ((0, block_size - (stop - start)), (0, 0)))
-    res = np.asarray(fn(block, *args))[:stop - start]
-    if out is None:
-      out = aligned_empty((num_q, res.shape[1]), res.dtype)
-    out[start:stop] = res
-  if out is None:
-    out = np.empty((0, args[0].shape[0]), np.float32)
+    res = distance_tile(*prepare_rows(block, distance), *g_ops, distance)
+    out[start:stop] = np.asarray(res if post is None else post(res))[:stop - start]
   return out
+
+
+@jax.jit
+def _sqrt_clipped(d: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.maximum(d, 0.0))
 
 
 def euclidean_distance(q_feats: ArrayLike, g_feats: ArrayLike, *, squared: bool = True,
@@ -121,9 +196,7 @@ def euclidean_distance(q_feats: ArrayLike, g_feats: ArrayLike, *, squared: bool 
     (Q, G) float32 numpy array.
   """
   q, g = _check_features(q_feats, g_feats)
-  g_sq = jnp.sum(g * g, axis=1)
-  return _blockwise(lambda b, gg, gs: _euclidean_block(b, gg, gs, squared), q, block_size,
-                    g, g_sq)
+  return _blockwise(q, g, 'euclidean', block_size, None if squared else _sqrt_clipped)
 
 
 def cosine_distance(q_feats: ArrayLike, g_feats: ArrayLike, *,
@@ -139,4 +212,51 @@ def cosine_distance(q_feats: ArrayLike, g_feats: ArrayLike, *,
     (Q, G) float32 numpy array.
   """
   q, g = _check_features(q_feats, g_feats)
-  return _blockwise(_cosine_block, q, block_size, l2_normalize(g))
+  return _blockwise(q, g, 'cosine', block_size)
+
+
+def dense_bytes(num_query: int, num_gallery: int) -> int:
+  """Bytes of a (num_query, num_gallery) float32 distance matrix."""
+  return 4 * int(num_query) * int(num_gallery)
+
+
+def distance_matrix(q_feats: ArrayLike, g_feats: ArrayLike, distance: str = 'euclidean', *,
+                    max_bytes: Optional[int] = DEFAULT_MAX_DENSE_BYTES,
+                    block_size: int = 1024) -> np.ndarray:
+  """The dense (Q, G) distance matrix of one of `DISTANCES`, within a memory limit.
+
+  For what needs the dense matrix (the CUHK03 protocol, reports on a distance
+  matrix); CMC/mAP/mINP at any size come from `eval.metrics.evaluate_features`.
+
+  Args:
+    q_feats: (Q, D) query features.
+    g_feats: (G, D) gallery features.
+    distance: 'euclidean' (squared) or 'cosine'.
+    max_bytes: refuse when the float32 matrix would exceed this many bytes
+      (None: no limit).
+    block_size: query rows per block.
+
+  Returns:
+    (Q, G) float32 numpy array.
+
+  Raises:
+    ValueError: for an unknown distance or malformed features.
+    MemoryLimitError: above `max_bytes`.
+  """
+  check_distance(distance)
+  num_q, num_g = int(np.shape(q_feats)[0]), int(np.shape(g_feats)[0])
+  check_memory(f'A dense {num_q} x {num_g} {distance} distance matrix',
+               dense_bytes(num_q, num_g), max_bytes,
+               'Use eval.metrics.evaluate_features for CMC/mAP/mINP at this size.')
+  if distance == 'euclidean':
+    return euclidean_distance(q_feats, g_feats, block_size=block_size)
+  return cosine_distance(q_feats, g_feats, block_size=block_size)
+
+
+@functools.partial(jax.jit, static_argnames=('size',))
+def row_block(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
+  """x[start:start + size] with a traced start (one compilation for all blocks).
+
+  `x` must have at least start + size rows (pad it first).
+  """
+  return jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)

@@ -12,18 +12,36 @@ before it, a count. Queries are processed in blocks of `block_size` rows (only
 those rows of the distance matrix are copied to the device), and a jitted JAX
 kernel counts, for up to `block_size` (query, positive) pairs at a time, the
 kept entries before each positive: the working set is at most (block_size,
-num_gallery) and the result does not depend on the block size. The per-positive ranks are
-integers; AP and mINP are then reduced in float64 with numpy.
+num_gallery) and the result does not depend on the block size. The per-positive
+ranks are integers; AP and mINP are then reduced in float64 with numpy.
+
+Which path serves what:
+- `evaluate_features` / `rank_features` (eval.feature_metrics): CMC, mAP, mINP
+  (and optionally fast-reid's TPR@FPR) straight from features, streamed over
+  gallery blocks: any gallery size, no distance matrix.
+- `evaluate` / `per_query_metrics`: the same from a dense distance matrix (a
+  re-ranked one, say), plus the CUHK03 protocol, which needs the matrix; build
+  it with `eval.distance.distance_matrix`, which refuses above its memory limit.
+- TPR@FPR (eval.verification) streams in both forms; re-ranking
+  (eval.rerank) needs the dense (Q, G) result and refuses above its limit.
 """
 
-import functools
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from eval import cuhk03_protocol
+from eval import protocol as proto
+# Re-exported: the public API of the metrics lives here.
+from eval.cuhk03_protocol import cuhk03_samples  # pylint: disable=unused-import
+from eval.feature_metrics import evaluate_features  # pylint: disable=unused-import
+from eval.feature_metrics import FeatureRanking  # pylint: disable=unused-import
+from eval.feature_metrics import nearest_kept  # pylint: disable=unused-import
+from eval.feature_metrics import rank_features  # pylint: disable=unused-import
+from eval.protocol import positive_pairs  # pylint: disable=unused-import
 
 ArrayLike = Any
 
@@ -32,29 +50,6 @@ _PROTOCOLS = ('market', 'cuhk03')
 # leaves the cache; rows per call are capped so that it holds about this many
 # elements (measured on CPU: 128 rows for Market's 15,913 gallery images).
 _WORKING_ELEMENTS = 2**21
-
-
-def _as_1d(name: str, values: ArrayLike) -> np.ndarray:
-  """Returns `values` as a 1-D numpy array, raising ValueError otherwise."""
-  arr = np.asarray(values)
-  if arr.ndim != 1:
-    raise ValueError(f'{name} must be 1-D, got shape {arr.shape}.')
-  return arr
-
-
-def _dense_codes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Maps the labels of `a` and `b` to shared int32 codes 0..K-1.
-
-  Args:
-    a: 1-D labels (any comparable dtype).
-    b: 1-D labels of the same kind.
-
-  Returns:
-    (codes_a, codes_b), equal codes exactly where the labels are equal.
-  """
-  _, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
-  inverse = inverse.reshape(-1).astype(np.int32)
-  return inverse[:len(a)], inverse[len(a):]
 
 
 @jax.jit
@@ -121,10 +116,10 @@ def _validate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int,
   if len(shape) != 2:
     raise ValueError(f'distmat must be 2-D (num_query, num_gallery), got shape {shape}.')
   num_q, num_g = shape
-  q_pids = _as_1d('q_pids', q_pids)
-  g_pids = _as_1d('g_pids', g_pids)
-  q_camids = _as_1d('q_camids', q_camids)
-  g_camids = _as_1d('g_camids', g_camids)
+  q_pids = proto.as_1d('q_pids', q_pids)
+  g_pids = proto.as_1d('g_pids', g_pids)
+  q_camids = proto.as_1d('q_camids', q_camids)
+  g_camids = proto.as_1d('g_camids', g_camids)
   for name, arr, n, what in (('q_pids', q_pids, num_q, 'rows'),
                              ('q_camids', q_camids, num_q, 'rows'),
                              ('g_pids', g_pids, num_g, 'columns'),
@@ -144,39 +139,9 @@ def _validate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int,
     warnings.warn(f'max_rank={max_rank} exceeds the gallery size {num_g}; '
                   f'clipping it to {num_g}.', stacklevel=4)
     max_rank = num_g
-  qp, gp = _dense_codes(q_pids, g_pids)
-  qc, gc = _dense_codes(q_camids, g_camids)
+  qp, gp = proto.dense_codes(q_pids, g_pids)
+  qc, gc = proto.dense_codes(q_camids, g_camids)
   return qp, gp, qc, gc, int(max_rank)
-
-
-def positive_pairs(q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
-                   g_camids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Lists the (query, gallery) positive pairs of the Market protocol.
-
-  A positive has the query's pid and a different camera (same pid and same
-  camera entries are removed by the protocol).
-
-  Args:
-    q_pids: (Q,) query identities.
-    g_pids: (G,) gallery identities.
-    q_camids: (Q,) query cameras.
-    g_camids: (G,) gallery cameras.
-
-  Returns:
-    (pos_q, pos_g) int32 arrays, sorted by query then gallery index.
-  """
-  q_pids = np.asarray(q_pids)
-  g_pids = np.asarray(g_pids)
-  order = np.argsort(g_pids, kind='stable')
-  sorted_pids = g_pids[order]
-  lo = np.searchsorted(sorted_pids, q_pids, side='left')
-  hi = np.searchsorted(sorted_pids, q_pids, side='right')
-  counts = hi - lo
-  pos_q = np.repeat(np.arange(len(q_pids)), counts)
-  starts = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-  pos_g = order[starts + np.arange(len(pos_q))]
-  keep = np.asarray(g_camids)[pos_g] != np.asarray(q_camids)[pos_q]
-  return pos_q[keep].astype(np.int32), pos_g[keep].astype(np.int32)
 
 
 @jax.jit
@@ -242,9 +207,7 @@ def positive_ranks(distmat: ArrayLike, pos_q: np.ndarray, pos_g: np.ndarray,
   """
   dtype = _compute_dtype(distmat)
   ranks = np.empty(len(pos_q), np.int64)
-  num_cams = int(max(qc.max(), gc.max())) + 1
-  q_code, g_code = _dense_codes(qp.astype(np.int64) * num_cams + qc,
-                                gp.astype(np.int64) * num_cams + gc)
+  q_code, g_code = proto.pid_cam_codes(qp, gp, qc, gc)
   g_code = jnp.asarray(g_code)
   chunk = max(1, min(block_size, _WORKING_ELEMENTS // len(gp)))
   bounds = np.searchsorted(pos_q, np.arange(0, len(qp) + block_size, block_size))
@@ -270,161 +233,11 @@ def positive_ranks(distmat: ArrayLike, pos_q: np.ndarray, pos_g: np.ndarray,
   return ranks
 
 
-def _cmc_from_first_ranks(first: np.ndarray, max_rank: int) -> np.ndarray:
-  """Mean CMC curve (float64) from each valid query's 0-based first-hit rank."""
-  hist = np.bincount(np.minimum(first, max_rank), minlength=max_rank + 1)
-  return np.cumsum(hist[:max_rank]) / len(first)
-
-
-def _ap_inp(pos_q: np.ndarray, ranks: np.ndarray, num_q: int):
-  """Per-query AP, INP and first rank from the positives' ranks.
-
-  Returns:
-    (valid query indices, AP per valid query, INP per valid query, first-hit rank
-    per valid query), all float64 / int64 numpy arrays.
-  """
-  order = np.lexsort((ranks, pos_q))
-  q_sorted, r_sorted = pos_q[order], ranks[order]
-  num_rel = np.bincount(q_sorted, minlength=num_q)
-  starts = np.concatenate([[0], np.cumsum(num_rel)[:-1]])
-  within = np.arange(len(q_sorted)) - starts[q_sorted]  # 0-based index among positives
-  precision = (within + 1.0) / (r_sorted + 1.0)
-  valid = np.nonzero(num_rel)[0]
-  ap_sum = np.bincount(q_sorted, weights=precision, minlength=num_q)
-  ap = ap_sum[valid] / num_rel[valid]
-  last = r_sorted[starts[valid] + num_rel[valid] - 1]
-  inp = num_rel[valid] / (last + 1.0)
-  first = r_sorted[starts[valid]]
-  return valid, ap, inp, first
-
-
-def _hash32(x: jax.Array) -> jax.Array:
-  """A 32-bit integer mixing function (lowbias32), elementwise on uint32."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x7FEB352D)
-  x = x ^ (x >> 15)
-  x = x * jnp.uint32(0x846CA68B)
-  return x ^ (x >> 16)
-
-
-def _uniform(seed: jax.Array, repeat: jax.Array, query: jax.Array,
-             slot: jax.Array) -> jax.Array:
-  """Counter-based uniform [0, 1) numbers, a pure function of the four indices."""
-  h = _hash32(seed.astype(jnp.uint32) + jnp.uint32(0x9E3779B9))
-  h = _hash32(h ^ repeat.astype(jnp.uint32))
-  h = _hash32(h ^ query.astype(jnp.uint32))
-  h = _hash32(h ^ slot.astype(jnp.uint32))
-  return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
-
-
-@functools.partial(jax.jit, static_argnames=('num_repeats',))
-def _cuhk03_draw(q_index: jax.Array, q_group: jax.Array, pos_list: jax.Array,
-                 pos_mask: jax.Array, group_start: jax.Array, group_size: jax.Array,
-                 g_order: jax.Array, seed: jax.Array, num_repeats: int):
-  """Draws one gallery entry per gallery identity for each (repeat, query).
-
-  The random numbers come from a counter-based hash of (seed, repeat, query
-  index, slot), so a draw never depends on the blocking.
-
-  Args:
-    q_index: (B,) query indices.
-    q_group: (B,) index of the query's identity among the gallery identities.
-    pos_list: (B, P) gallery indices of each query's positives (padded).
-    pos_mask: (B, P) validity of `pos_list`.
-    group_start: (K,) start of each gallery identity in `g_order`.
-    group_size: (K,) number of gallery entries of each identity.
-    g_order: (G,) gallery indices sorted by identity.
-    seed: int32 scalar seed.
-    num_repeats: number of draws.
-
-  Returns:
-    (sel, pos): (R, B, K) drawn gallery index per identity (the query's own
-    identity entry replaced by the drawn positive) and (R, B) the drawn positive.
-  """
-  num_k, num_p = group_size.shape[0], pos_list.shape[1]
-  r = jnp.arange(num_repeats)[:, None, None]
-  q = q_index[None, :, None]
-  u = _uniform(seed, r, q, jnp.arange(num_k)[None, None, :])  # (R, B, K)
-  off = jnp.minimum(jnp.floor(u * group_size).astype(jnp.int32), group_size - 1)
-  sel = g_order[group_start + off]
-  up = _uniform(seed, r, q, num_k + jnp.arange(num_p)[None, None, :])  # (R, B, P)
-  up = jnp.where(pos_mask[None], up, -1.0)
-  pos = jnp.take_along_axis(jnp.broadcast_to(pos_list[None], up.shape),
-                            jnp.argmax(up, axis=2)[..., None], axis=2)[..., 0]  # (R, B)
-  own = jnp.arange(num_k)[None, None, :] == q_group[None, :, None]
-  return jnp.where(own, pos[..., None], sel), pos
-
-
-@jax.jit
-def _cuhk03_ranks(dist_rows: jax.Array, sel: jax.Array, pos: jax.Array) -> jax.Array:
-  """Rank of the drawn positive among the drawn entries.
-
-  Args:
-    dist_rows: (B, G) distances of the block's queries.
-    sel: (R, B, K) drawn gallery entries, one per gallery identity.
-    pos: (R, B) drawn positive (also present in `sel`).
-
-  Returns:
-    (R, B) int32 0-based ranks.
-  """
-  d_sel = jnp.take_along_axis(dist_rows[None], sel, axis=2)
-  d_pos = jnp.take_along_axis(dist_rows[None], pos[..., None], axis=2)
-  before = (d_sel < d_pos) | ((d_sel == d_pos) & (sel < pos[..., None]))
-  return jnp.sum(before, axis=2, dtype=jnp.int32)
-
-
-def cuhk03_draws(qp: np.ndarray, gp: np.ndarray, pos_q: np.ndarray, pos_g: np.ndarray,
-                 queries: np.ndarray, num_repeats: int, seed: int,
-                 block_size: int) -> Iterator[tuple[np.ndarray, int, jax.Array, jax.Array]]:
-  """Single-gallery-shot draws of the CUHK03 protocol.
-
-  Each (repeat, query) draw is a function of (seed, repeat, query index) only,
-  so it does not depend on `block_size` or on which other queries are drawn.
-
-  Args:
-    qp: (Q,) query pid codes.
-    gp: (G,) gallery pid codes.
-    pos_q: (T,) query index of each positive pair (sorted by query).
-    pos_g: (T,) gallery index of each positive pair.
-    queries: (B,) indices of queries with at least one positive.
-    num_repeats: number of random draws.
-    seed: PRNG seed.
-    block_size: queries drawn per jitted call.
-
-  Yields:
-    (block, n, sel, pos) per block of `queries`: block (block_size,) query
-    indices (the last block padded by repeating its last query, n of them
-    real), sel (R, block_size, K) one drawn gallery index per gallery identity
-    (K identities in code order; the query's own identity holds the drawn
-    positive) and pos (R, block_size) the drawn positive, as jax arrays.
-  """
-  g_order = np.argsort(gp, kind='stable').astype(np.int32)
-  groups, group_start, group_size = np.unique(gp[g_order], return_index=True,
-                                              return_counts=True)
-  num_pos = np.bincount(pos_q, minlength=len(qp))
-  first = np.concatenate([[0], np.cumsum(num_pos)[:-1]])
-  slot = np.arange(max(int(num_pos[queries].max()), 1))
-  consts = (jnp.asarray(group_start, jnp.int32), jnp.asarray(group_size, jnp.int32),
-            jnp.asarray(g_order))
-  seed = jnp.asarray(np.uint32(int(seed) % 2**32).view(np.int32))
-  for start in range(0, len(queries), block_size):
-    stop = min(start + block_size, len(queries))
-    block = np.pad(queries[start:stop], (0, block_size - (stop - start)), mode='edge')
-    q_group = np.searchsorted(groups, qp[block]).astype(np.int32)
-    pos_mask = slot[None] < num_pos[block][:, None]
-    idx = np.where(pos_mask, first[block][:, None] + slot[None], 0)
-    pos_list = pos_g[idx].astype(np.int32)
-    sel, pos = _cuhk03_draw(jnp.asarray(block, jnp.int32), jnp.asarray(q_group),
-                            jnp.asarray(pos_list), jnp.asarray(pos_mask), *consts, seed,
-                            num_repeats)
-    yield block, stop - start, sel, pos
-
-
 def _prepare(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, protocol, block_size):
   """Validation, positives and their ranks shared by the public functions."""
   qp, gp, qc, gc, max_rank = _validate(distmat, q_pids, g_pids, q_camids, g_camids,
                                        max_rank, protocol, block_size)
-  pos_q, pos_g = positive_pairs(qp, gp, qc, gc)
+  pos_q, pos_g = proto.positive_pairs(qp, gp, qc, gc)
   if len(pos_q) == 0:
     raise ValueError('No query has a valid match in the gallery (same identity '
                      'seen by a different camera); metrics are undefined.')
@@ -460,45 +273,8 @@ def per_query_metrics(distmat: ArrayLike,
   """
   _, _, pos_q, _, ranks, _ = _prepare(distmat, q_pids, g_pids, q_camids, g_camids, 1,
                                          'market', block_size)
-  valid, ap, inp, first = _ap_inp(pos_q, ranks, int(np.shape(distmat)[0]))
+  valid, ap, inp, first = proto.ap_inp(pos_q, ranks, int(np.shape(distmat)[0]))
   return {'query': valid, 'ap': ap, 'inp': inp, 'first_rank': first}
-
-
-def cuhk03_samples(q_pids: ArrayLike,
-                   g_pids: ArrayLike,
-                   q_camids: ArrayLike,
-                   g_camids: ArrayLike,
-                   *,
-                   num_repeats: int = 10,
-                   seed: int = 0,
-                   block_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-  """The gallery draws `evaluate(protocol='cuhk03')` makes (for inspection).
-
-  Args:
-    q_pids: (Q,) query identities.
-    g_pids: (G,) gallery identities.
-    q_camids: (Q,) query cameras.
-    g_camids: (G,) gallery cameras.
-    num_repeats: number of draws.
-    seed: seed of the draws.
-    block_size: queries per jitted call (does not change the draws).
-
-  Returns:
-    (queries, sel): the indices of the queries with at least one positive, and
-    (num_repeats, len(queries), K) int gallery indices, one drawn entry per
-    gallery identity (K of them; the query's own identity holds a drawn
-    positive, i.e. an entry from another camera).
-  """
-  q_pids, g_pids = _as_1d('q_pids', q_pids), _as_1d('g_pids', g_pids)
-  qp, gp = _dense_codes(q_pids, g_pids)
-  qc, gc = _dense_codes(_as_1d('q_camids', q_camids), _as_1d('g_camids', g_camids))
-  pos_q, pos_g = positive_pairs(qp, gp, qc, gc)
-  queries = np.unique(pos_q)
-  if len(queries) == 0:
-    raise ValueError('No query has a valid match in the gallery.')
-  sels = [np.asarray(sel)[:, :n] for _, n, sel, _ in cuhk03_draws(
-      qp, gp, pos_q, pos_g, queries, num_repeats, seed, int(block_size))]
-  return queries, np.concatenate(sels, axis=1)
 
 
 def evaluate(distmat: ArrayLike,
@@ -549,17 +325,12 @@ def evaluate(distmat: ArrayLike,
   """
   qp, gp, pos_q, pos_g, ranks, max_rank = _prepare(
       distmat, q_pids, g_pids, q_camids, g_camids, max_rank, protocol, block_size)
-  valid, ap, inp, first = _ap_inp(pos_q, ranks, len(qp))
+  valid, ap, inp, first = proto.ap_inp(pos_q, ranks, len(qp))
   if protocol == 'market':
-    cmc = _cmc_from_first_ranks(first, max_rank)
+    cmc = proto.cmc_from_first_ranks(first, max_rank)
   else:
-    if int(num_repeats) < 1:
-      raise ValueError(f'num_repeats must be >= 1, got {num_repeats}.')
-    hits = np.zeros(max_rank + 1, np.int64)
-    for block, n, sel, pos in cuhk03_draws(qp, gp, pos_q, pos_g, valid, int(num_repeats),
-                                           seed, int(block_size)):
-      rows = _fetch_rows(distmat, block, _compute_dtype(distmat))
-      r = np.asarray(_cuhk03_ranks(rows, sel, pos))[:, :n].reshape(-1)
-      hits += np.bincount(np.minimum(r, max_rank), minlength=max_rank + 1)
-    cmc = np.cumsum(hits[:max_rank]) / (len(valid) * int(num_repeats))
+    dtype = _compute_dtype(distmat)
+    cmc = cuhk03_protocol.cuhk03_cmc(lambda rows: _fetch_rows(distmat, rows, dtype), qp, gp,
+                                     pos_q, pos_g, valid, max_rank, num_repeats, seed,
+                                     block_size)
   return cmc.astype(np.float32), float(np.mean(ap)), float(np.mean(inp))

@@ -8,7 +8,7 @@ function, so importing this module never selects a backend.
 import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -122,6 +122,7 @@ def save_worst_queries_png(path: str,
                            top_k: int = 10,
                            *,
                            ranked: bool = False,
+                           per_query: Optional[Mapping[str, np.ndarray]] = None,
                            image_size: tuple[int, int] = (128, 64)) -> WorstQueries:
   """Draws the queries with the lowest AP and their top-k gallery matches.
 
@@ -145,6 +146,10 @@ def save_worst_queries_png(path: str,
     num_queries: number of rows (fewer if fewer queries have a positive).
     top_k: gallery images per row.
     ranked: whether `distmat` holds ranked gallery indices.
+    per_query: the queries' AP, as {'query': indices of the queries with a
+      positive, 'ap': their AP} (`eval.metrics.per_query_metrics` or a
+      `FeatureRanking`'s fields); then AP is not recomputed (with `ranked`,
+      only the drawn rows of the table need to be filled).
     image_size: (height, width) of each drawn image.
 
   Returns:
@@ -160,10 +165,16 @@ def save_worst_queries_png(path: str,
                      f'{len(q_pids)} pids, {len(g_paths)} gallery paths for {len(g_pids)}.')
   if num_queries < 1 or top_k < 1:
     raise ValueError(f'num_queries and top_k must be >= 1, got {num_queries}, {top_k}.')
+  table = None
   if ranked:
     table = np.asarray(distmat)
     if table.ndim != 2 or table.shape[0] != len(q_pids):
       raise ValueError(f'ranked indices must have shape ({len(q_pids)}, L), got {table.shape}.')
+  if per_query is not None:
+    queries, aps = np.asarray(per_query['query']), np.asarray(per_query['ap'])
+    if len(queries) == 0:
+      raise ValueError('No query has a valid match (per_query is empty).')
+  elif ranked:
     aps = np.array([_ap_from_ranking(table[q], g_pids, g_camids, q_pids[q], q_camids[q])
                     for q in range(len(q_pids))])
     queries = np.nonzero(~np.isnan(aps))[0]
@@ -171,7 +182,6 @@ def save_worst_queries_png(path: str,
       raise ValueError('No query has a valid match in the ranked lists.')
     aps = aps[queries]
   else:
-    table = None
     stats = metrics.per_query_metrics(distmat, q_pids, g_pids, q_camids, g_camids)
     queries, aps = stats['query'], stats['ap']
   order = np.lexsort((queries, aps))[:num_queries]
@@ -202,6 +212,60 @@ def save_worst_queries_png(path: str,
             MATCH_COLOUR if match[r, c] else WRONG_COLOUR)
   canvas.save(path, format='PNG')
   return WorstQueries(query=rows, ap=row_aps, gallery=gallery, match=match)
+
+
+def save_worst_queries_from_features(path: str,
+                                     q_paths: Sequence[str],
+                                     g_paths: Sequence[str],
+                                     q_feats: ArrayLike,
+                                     g_feats: ArrayLike,
+                                     q_pids: ArrayLike,
+                                     g_pids: ArrayLike,
+                                     q_camids: ArrayLike,
+                                     g_camids: ArrayLike,
+                                     ranking: 'metrics.FeatureRanking',
+                                     distance: str = 'euclidean',
+                                     num_queries: int = 10,
+                                     top_k: int = 10,
+                                     *,
+                                     image_size: tuple[int, int] = (128, 64)) -> WorstQueries:
+  """`save_worst_queries_png` without a distance matrix (any gallery size).
+
+  The worst queries come from `ranking` (`eval.metrics.rank_features` of the
+  same features, labels and distance); only their top-k lists are computed,
+  streamed over the gallery (`eval.metrics.nearest_kept`).
+
+  Args:
+    path: output PNG file.
+    q_paths: (Q,) query image files.
+    g_paths: (G,) gallery image files.
+    q_feats: (Q, D) query features.
+    g_feats: (G, D) gallery features.
+    q_pids: (Q,) query identities.
+    g_pids: (G,) gallery identities.
+    q_camids: (Q,) query cameras.
+    g_camids: (G,) gallery cameras.
+    ranking: the `FeatureRanking` of these features.
+    distance: the distance `ranking` used.
+    num_queries: number of rows.
+    top_k: gallery images per row.
+    image_size: (height, width) of each drawn image.
+
+  Returns:
+    A `WorstQueries` record of what was drawn.
+  """
+  q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
+  q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+  if num_queries < 1 or top_k < 1:
+    raise ValueError(f'num_queries and top_k must be >= 1, got {num_queries}, {top_k}.')
+  rows = ranking.query[np.lexsort((ranking.query, ranking.ap))[:num_queries]]
+  table = np.full((len(q_pids), top_k), -1, np.int64)
+  table[rows] = metrics.nearest_kept(np.asarray(q_feats)[rows], g_feats, q_pids[rows], g_pids,
+                                     q_camids[rows], g_camids, top_k, distance)
+  return save_worst_queries_png(path, q_paths, g_paths, table, q_pids, g_pids, q_camids,
+                                g_camids, num_queries, top_k, ranked=True,
+                                per_query={'query': ranking.query, 'ap': ranking.ap},
+                                image_size=image_size)
 
 
 def save_cmc_plot(path: str,

@@ -1,33 +1,53 @@
-"""tf.data input pipelines for training and evaluation, laid out per device.
+"""Host input pipelines: uint8 training and evaluation batches, laid out per device.
 
-Training: the sampler (`config.sampler`: 'pk' = RandomIdentitySampler, 'shuffle'
-= ShuffleSampler) gives an epoch as an array (steps, global_batch) of record
-indices. Each global batch is split in order over the
-`process_count * num_local_devices` devices: device d (counted over all
-processes, process p owning devices p*D .. p*D+D-1) gets columns
-[d*b, (d+1)*b), b = global_batch / num_devices. A process only reads, decodes
-and augments its own columns. With the PK sampler every device slice holds
-whole identities (the sampler checks that P is a multiple of the device
-count), so triplet mining per device or over the gathered batch sees K images
-per identity.
+The host reads, decodes (`decode_image`, bit-exact with PIL) and resizes to the
+training size (`transforms.resize`, PIL's bilinear values) and ships uint8;
+flip, pad, crop, normalisation and erasing run on the devices
+(`input_pipeline.device_augment`). Nothing else runs per image on the host.
 
-Every image gets its own stateless seed from (config.seed, epoch, position in
-the epoch's global batch order), so an epoch's augmentation is fully
-deterministic and independent of process layout and map parallelism.
+Training (`create_train_stream`): ONE stream for the whole run. Global step s
+belongs to epoch s // steps_per_epoch, at step s % steps_per_epoch of that
+epoch; the sampler (`config.sampler`: 'pk' = RandomIdentitySampler, 'shuffle' =
+ShuffleSampler) gives an epoch as an array (steps, global_batch) of record
+indices, a pure function of (config.seed, epoch). Each global batch is split
+in order over the `process_count * num_local_devices` devices: device d
+(counted over all processes, process p owning devices p*D .. p*D+D-1) gets
+columns [d*b, (d+1)*b), b = global_batch / num_devices. A process only reads
+and decodes its own columns. With the PK sampler every device slice holds whole
+identities. Every image carries (epoch, position): position = step_in_epoch *
+global_batch + column, from which the device derives its augmentation key
+(`device_augment.image_keys`), so augmentation does not depend on the layout.
+
+How the stream is built:
+  * Index plan (`_Planner`): one epoch's (steps, n) index, label, epoch and
+    position arrays at a time, n = this process's columns; tf.data prefetches
+    it, so the sampler of the next epoch runs (in a tf.data thread) while the
+    current one is consumed and epoch boundaries cost nothing. A resumed
+    stream starts the plan at its first unseen batch: skipped batches are
+    never read.
+  * Decoding: a parallel, deterministic tf.data map reads, decodes and resizes
+    the images of a step (`tf.map_fn` over the step's indices), uint8.
+  * Host cache (`config.input.cache`: 'none', 'host', 'auto' =
+    'host' when N * H * W * 3 bytes fit `config.input.cache_max_gb`): the plan
+    marks the first occurrence of every image in the stream; only those are
+    decoded, written into one uint8 (N, H, W, 3) array, and every batch is a
+    gather from that array (`np.take`), so from the second epoch the host's
+    work per image is a memory copy.
 
 Image sources: by default a record's `path` is a file read with
 `tf.io.read_file` and decoded by `decode_image` (JPEG bit-exact with PIL; PNG,
-BMP, GIF's first frame). Other sources (e.g. TFDS / TFRecord examples already in memory)
-plug in through `load_image(path, index) -> uint8 (h, w, 3)`, called inside the
+BMP, GIF's first frame). Other sources (e.g. TFDS / TFRecord examples) plug in
+through `load_image(path, index) -> uint8 (h, w, 3)`, called inside the
 tf.data graph with the record's path (tf.string) and its index in `records`
-(tf.int64); `in_memory_loader(encoded)` builds one from a list of encoded
-images.
+(tf.int64); `in_memory_loader(encoded)` builds one from encoded images.
 
-The datasets yield tf tensors; `ds.as_numpy_iterator()` gives numpy dicts and
-`prefetch_to_device` puts them on the local devices for `jax.pmap`.
+`prefetch_to_device` (from `input_pipeline.prefetch`) moves host batches onto
+the local devices in a background thread, ahead of the step.
 """
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -36,9 +56,11 @@ import tensorflow as tf
 
 from input_pipeline import sampler as sampler_lib
 from input_pipeline import transforms
+from input_pipeline.prefetch import prefetch_to_device  # pylint: disable=unused-import
 from input_pipeline.records import Record
 
 LoadImageFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+CACHE_MODES = ('none', 'host', 'auto')
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
@@ -133,6 +155,9 @@ def steps_per_epoch(records: Sequence[Record], config: Any,
 def _process_columns(global_batch: int, num_local_devices: int,
                      process_index: int, process_count: int) -> slice:
   """The columns of a global batch that belong to one process's devices."""
+  if num_local_devices < 1 or process_count < 1:
+    raise ValueError(f'num_local_devices ({num_local_devices}) and process_count '
+                     f'({process_count}) must be >= 1.')
   num_devices = num_local_devices * process_count
   if global_batch % num_devices:
     raise ValueError(
@@ -143,6 +168,261 @@ def _process_columns(global_batch: int, num_local_devices: int,
                      f'{process_count}).')
   per_process = global_batch // process_count
   return slice(process_index * per_process, (process_index + 1) * per_process)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.autotune.enabled = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheChoice:
+  """The host cache a training stream uses.
+
+  Attributes:
+    mode: 'host' (cached) or 'none'.
+    nbytes: size of the cache array, N * H * W * 3 bytes (whether used or not).
+    reason: one line saying why, for the log.
+  """
+  mode: str
+  nbytes: int
+  reason: str
+
+
+def choose_cache(mode: str, num_images: int, image_size: Sequence[int],
+                 max_gb: float) -> CacheChoice:
+  """Decides whether the decoded training images are kept in host memory.
+
+  Args:
+    mode: 'none', 'host' (always) or 'auto' (when the cache fits `max_gb`).
+    num_images: number of training records N.
+    image_size: (H, W) training size.
+    max_gb: the budget of 'auto', in GB (1e9 bytes).
+
+  Returns:
+    the CacheChoice.
+
+  Raises:
+    ValueError: for an unknown mode.
+  """
+  if mode not in CACHE_MODES:
+    raise ValueError(f'config.input.cache must be one of {CACHE_MODES}, got {mode!r}.')
+  height, width = (int(s) for s in image_size)
+  nbytes = int(num_images) * height * width * 3
+  size = f'{nbytes / 1e9:.2f} GB for {num_images} images of {height}x{width}x3 uint8'
+  if mode == 'none':
+    return CacheChoice('none', nbytes, f'cache off (config.input.cache=none; it would be {size})')
+  if mode == 'host':
+    return CacheChoice('host', nbytes, f'host cache of {size} (config.input.cache=host)')
+  if nbytes <= float(max_gb) * 1e9:
+    return CacheChoice('host', nbytes, f'host cache of {size} (auto: within '
+                       f'config.input.cache_max_gb={max_gb:g})')
+  return CacheChoice('none', nbytes, f'no host cache: {size} exceed '
+                     f'config.input.cache_max_gb={max_gb:g} (auto)')
+
+
+class _Planner:
+  """This process's plan of one epoch, called in epoch order by tf.data.
+
+  For epoch e it returns (steps_e, n) arrays index (int64), label, epoch,
+  position (int32) of the global steps of [start_step, stop_step) in that
+  epoch, n = this process's columns; when caching, also 'new' (int64
+  (steps_e, n), -1 padded: the images first seen in the stream at that step,
+  in order of first appearance) and 'num_new' (int64 (steps_e,)).
+  """
+
+  def __init__(self, sampler: Any, labels: np.ndarray, cols: slice,
+               global_batch: int, num_steps_per_epoch: int, start_step: int,
+               stop_step: int, cached: bool):
+    self._sampler = sampler
+    self._labels = labels
+    self._cols = cols
+    self._col_ids = np.arange(global_batch)[cols]
+    self._global_batch = global_batch
+    self._spe = num_steps_per_epoch
+    self._start, self._stop = start_step, stop_step
+    self._cached = cached
+    self._seen = np.zeros(len(labels), bool)
+    self.keys = ('index', 'label', 'epoch', 'position') + (
+        ('new', 'num_new') if cached else ())
+    self.dtypes = (tf.int64, tf.int32, tf.int32, tf.int32) + (
+        (tf.int64, tf.int64) if cached else ())
+
+  @property
+  def epochs(self) -> range:
+    """The epochs the steps [start_step, stop_step) touch."""
+    if self._stop <= self._start:
+      return range(0)
+    return range(self._start // self._spe, (self._stop - 1) // self._spe + 1)
+
+  def __call__(self, epoch: np.ndarray) -> tuple[np.ndarray, ...]:
+    epoch = int(epoch)
+    if epoch == self.epochs.start:  # a new pass over the stream
+      self._seen[:] = False
+    lo = max(self._start - epoch * self._spe, 0)
+    hi = min(self._stop - epoch * self._spe, self._spe)
+    batches = self._sampler.epoch_batches(epoch, num_steps=self._spe)
+    index = np.ascontiguousarray(batches[lo:hi, self._cols])  # (steps_e, n)
+    position = (np.arange(lo, hi)[:, None] * self._global_batch
+                + self._col_ids[None, :])
+    out = (index, self._labels[index], np.full(index.shape, epoch, np.int32),
+           position.astype(np.int32))
+    if not self._cached:
+      return out
+    n = index.shape[1]
+    uniq, first = np.unique(index.reshape(-1), return_index=True)
+    fresh = ~self._seen[uniq]
+    uniq, first = uniq[fresh], first[fresh]
+    self._seen[uniq] = True
+    order = np.argsort(first, kind='stable')
+    uniq, step_of = uniq[order], first[order] // n
+    num_new = np.bincount(step_of, minlength=hi - lo)
+    starts = np.cumsum(num_new) - num_new
+    new = np.full(index.shape, -1, np.int64)
+    new[step_of, np.arange(uniq.size) - starts[step_of]] = uniq
+    return out + (new, num_new.astype(np.int64))
+
+  def dataset(self) -> tf.data.Dataset:
+    """Per-step plan elements; the next epoch is planned one epoch ahead.
+
+    `tf.numpy_function` rather than `from_generator`: TF's generator dataset
+    sets glibc's M_TRIM_THRESHOLD, which freezes the mmap threshold and makes
+    every large numpy allocation of the process (a cached batch gather) fault
+    in fresh pages, ~8x slower.
+    """
+    n = self._col_ids.size
+
+    def plan(epoch: tf.Tensor) -> dict[str, tf.Tensor]:
+      arrays = tf.numpy_function(self, [epoch], list(self.dtypes), stateful=True)
+      out = {}
+      for key, value in zip(self.keys, arrays):
+        value.set_shape((None,) if key == 'num_new' else (None, n))
+        out[key] = value
+      return out
+
+    epochs = tf.data.Dataset.range(self.epochs.start, self.epochs.stop)
+    # Sequential (stateful) map; prefetch(1): one epoch planned ahead.
+    return epochs.map(plan).prefetch(1).unbatch()
+
+
+class TrainStream:
+  """Iterator of training batches for this process (see `create_train_stream`).
+
+  Attributes:
+    cache: the CacheChoice ('host' or 'none', its size in bytes).
+    num_steps: number of batches the stream yields.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, cache: CacheChoice,
+               num_records: int, image_size: tuple[int, int],
+               num_local_devices: int, num_steps: int):
+    self.cache = cache
+    self.num_steps = num_steps
+    self._iterator = dataset.as_numpy_iterator()
+    self._devices = num_local_devices
+    self._array = (np.empty((num_records,) + image_size + (3,), np.uint8)
+                   if cache.mode == 'host' else None)
+
+  def __iter__(self) -> 'TrainStream':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    step = next(self._iterator)
+    layout = lambda x: x.reshape((self._devices, -1) + x.shape[1:])
+    if self._array is None:
+      image = layout(step['image'])
+    else:
+      num_new = int(step['num_new'])
+      if num_new:
+        self._array[step['new'][:num_new]] = step['image']
+      image = np.take(self._array, layout(step['index']), axis=0)
+    return {'image': image, 'label': layout(step['label']),
+            'epoch': layout(step['epoch']), 'position': layout(step['position']),
+            'index': layout(step['index'].astype(np.int32))}
+
+
+def create_train_stream(records: Sequence[Record],
+                        config: Any,
+                        *,
+                        steps_per_epoch: int,  # pylint: disable=redefined-outer-name
+                        start_step: int,
+                        num_steps: int,
+                        num_local_devices: int,
+                        process_index: int = 0,
+                        process_count: int = 1,
+                        load_image: LoadImageFn | None = None,
+                        cache: str | None = None) -> TrainStream:
+  """The training batches of global steps start_step .. start_step+num_steps-1.
+
+  Sampling per epoch is `make_sampler(...).epoch_batches(epoch,
+  num_steps=steps_per_epoch)`; epoch = step // steps_per_epoch. See the module
+  docstring for the layout, the index plan and the cache.
+
+  Args:
+    records: training records (pids relabelled 0..C-1).
+    config: the experiment config (input.image_size, input.cache,
+      input.cache_max_gb, sampler, batch_size, num_instances, seed).
+    steps_per_epoch: steps per epoch (see the function `steps_per_epoch`).
+    start_step: first global step (a resumed run: its first unseen batch).
+    num_steps: number of batches to yield (crossing epochs).
+    num_local_devices: devices of this process (D).
+    process_index: this process.
+    process_count: number of processes.
+    load_image: optional hook (path, index) -> uint8 (h, w, 3); default reads
+      the file at the record's path.
+    cache: 'none', 'host' or 'auto'; None: config.input.cache.
+
+  Returns:
+    a TrainStream (an iterator) of dicts {'image': uint8 (D, b, H, W, 3),
+    'label', 'epoch', 'position', 'index': int32 (D, b)} ('index': the record
+    index), b = config.batch_size / (process_count * D); `.cache` says whether
+    the host cache is used and its size.
+
+  Raises:
+    ValueError: for an invalid step range, cache mode, sampler or layout.
+  """
+  if steps_per_epoch < 1 or start_step < 0 or num_steps < 0:
+    raise ValueError(f'Need steps_per_epoch >= 1, start_step >= 0 and num_steps >= 0, '
+                     f'got {steps_per_epoch}, {start_step}, {num_steps}.')
+  if not records:
+    raise ValueError('create_train_stream needs at least one record.')
+  global_batch = int(config.batch_size)
+  cols = _process_columns(global_batch, num_local_devices, process_index,
+                          process_count)
+  sampler = make_sampler(records, config, num_local_devices * process_count)
+  image_size = tuple(int(s) for s in config.input.image_size)
+  choice = choose_cache(config.input.cache if cache is None else cache, len(records),
+                        image_size, config.input.cache_max_gb)
+  logging.info('Training input: %s.', choice.reason)
+  cached = choice.mode == 'host'
+  labels = np.asarray([r.pid for r in records], np.int32)
+  planner = _Planner(sampler, labels, cols, global_batch, steps_per_epoch,
+                     start_step, start_step + num_steps, cached)
+  plans = planner.dataset()
+  paths = tf.constant([r.path for r in records], tf.string)
+  load = load_image or _default_load_image
+
+  def load_one(index: tf.Tensor) -> tf.Tensor:
+    return transforms.resize(load(tf.gather(paths, index), index), image_size)
+
+  def decode_step(step: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    to_read = step['new'][:step['num_new']] if cached else step['index']
+    step = dict(step)
+    step['image'] = tf.cond(  # cached steady state: nothing to read, no loop
+        tf.size(to_read) > 0,
+        lambda: tf.map_fn(load_one, to_read, fn_output_signature=tf.TensorSpec(
+            image_size + (3,), tf.uint8)),
+        lambda: tf.zeros((0,) + image_size + (3,), tf.uint8))
+    return step
+
+  ds = plans.map(decode_step, num_parallel_calls=tf.data.AUTOTUNE,
+                 deterministic=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return TrainStream(ds, choice, len(records), image_size, num_local_devices,
+                     num_steps)
 
 
 def _to_devices(batch: dict[str, tf.Tensor], num_local_devices: int
@@ -156,113 +436,32 @@ def _to_devices(batch: dict[str, tf.Tensor], num_local_devices: int
   return out
 
 
-def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.experimental_optimization.map_parallelization = True
-  return options
-
-
-def create_train_dataset(records: Sequence[Record],
-                         config: Any,
-                         *,
-                         epoch: int,
-                         num_local_devices: int,
-                         process_index: int = 0,
-                         process_count: int = 1,
-                         dtype: Any = tf.float32,
-                         steps: int | None = None,
-                         load_image: LoadImageFn | None = None
-                         ) -> tf.data.Dataset:
-  """One epoch of augmented training batches for this process's devices.
-
-  Args:
-    records: training records (pids relabelled 0..C-1).
-    config: the experiment config (input.*, sampler, batch_size,
-      num_instances, seed, steps_per_epoch).
-    epoch: epoch number (sampling and augmentation depend on it).
-    num_local_devices: devices of this process (D).
-    process_index: this process.
-    process_count: number of processes.
-    dtype: image dtype (tf or numpy dtype, e.g. tf.bfloat16).
-    steps: number of batches; default `steps_per_epoch(records, config,
-      num_devices)`.
-    load_image: optional hook (path, index) -> uint8 (h, w, 3); default reads
-      the file at the record's path.
-
-  Returns:
-    tf.data.Dataset of `steps` elements {'image': (D, b, H, W, 3) dtype,
-    'label': int32 (D, b)}, b = config.batch_size / (process_count * D).
-  """
-  num_devices = num_local_devices * process_count
-  sampler = make_sampler(records, config, num_devices)
-  if steps is None:
-    steps = steps_per_epoch(records, config, num_devices)
-  global_batch = config.batch_size
-  cols = _process_columns(global_batch, num_local_devices, process_index,
-                          process_count)
-  batches = sampler.epoch_batches(epoch, num_steps=steps)  # (steps, B)
-  index = batches[:, cols].reshape(-1)
-  position = (np.arange(steps)[:, None] * global_batch +
-              np.arange(global_batch)[None, cols]).reshape(-1)
-  paths = np.asarray([r.path for r in records], dtype=object)
-  labels = np.asarray([r.pid for r in records], dtype=np.int32)
-
-  image_size = tuple(int(s) for s in config.input.image_size)
-  cfg_input = config.input
-  load = load_image or _default_load_image
-  base_seed = tf.constant([int(config.seed), int(epoch)], tf.int64)
-  tf_dtype = tf.as_dtype(dtype)
-
-  def process(example):
-    image = load(example['path'], example['index'])
-    seed = tf.random.experimental.stateless_fold_in(
-        base_seed, example['position'])
-    image = transforms.train_transform(image, seed, cfg_input, image_size,
-                                       tf_dtype)
-    return {'image': image, 'label': example['label']}
-
-  ds = tf.data.Dataset.from_tensor_slices({
-      'path': tf.constant(paths[index].astype(str).tolist()
-                          if index.size else [], tf.string),
-      'index': tf.constant(index, tf.int64),
-      'position': tf.constant(position, tf.int64),
-      'label': tf.constant(labels[index], tf.int32),
-  })
-  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(cols.stop - cols.start, drop_remainder=True)
-  ds = ds.map(lambda b: _to_devices(b, num_local_devices))
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(_options())
-
-
 def create_eval_dataset(records: Sequence[Record],
                         config: Any,
                         *,
                         num_local_devices: int,
                         process_index: int = 0,
                         process_count: int = 1,
-                        dtype: Any = tf.float32,
                         load_image: LoadImageFn | None = None
                         ) -> tf.data.Dataset:
-  """Evaluation batches of `records` in order, the last one padded.
+  """Evaluation batches of `records` in order, uint8, the last one padded.
 
   The records are cut into global batches of config.test.batch_size in file
   order (the caller concatenates query and gallery); the last one is padded
   with zero images, mask False and index -1. Over all processes every record
-  appears exactly once. Flip-averaging, if any, is the model side's business.
+  appears exactly once. Normalisation (`device_augment.normalize`) and
+  flip-averaging, if any, are the device side's business.
 
   Args:
     records: records to embed, in order.
-    config: the experiment config (input.*, test.batch_size).
+    config: the experiment config (input.image_size, test.batch_size).
     num_local_devices: devices of this process (D).
     process_index: this process.
     process_count: number of processes.
-    dtype: image dtype.
     load_image: optional hook (path, index) -> uint8 (h, w, 3).
 
   Returns:
-    tf.data.Dataset of {'image': (D, b, H, W, 3) dtype, 'mask': bool (D, b),
+    tf.data.Dataset of {'image': uint8 (D, b, H, W, 3), 'mask': bool (D, b),
     'index': int32 (D, b)} with b = config.test.batch_size /
     (process_count * D); index is the position in `records`.
 
@@ -285,23 +484,15 @@ def create_eval_dataset(records: Sequence[Record],
   index = index.reshape(num_batches, global_batch)[:, cols].reshape(-1)
   all_paths = [r.path for r in records]
   paths = [all_paths[i] if i >= 0 else '' for i in index]
-
   image_size = tuple(int(s) for s in config.input.image_size)
-  cfg_input = config.input
   load = load_image or _default_load_image
-  tf_dtype = tf.as_dtype(dtype)
 
   def process(example):
     idx = example['index']
-
-    def real():
-      image = load(example['path'], idx)
-      return transforms.eval_transform(image, image_size, cfg_input, tf_dtype)
-
-    def pad():
-      return tf.zeros(image_size + (3,), tf_dtype)
-
-    image = tf.cond(idx >= 0, real, pad)
+    image = tf.cond(
+        idx >= 0,
+        lambda: transforms.resize(load(example['path'], idx), image_size),
+        lambda: tf.zeros(image_size + (3,), tf.uint8))
     return {'image': tf.ensure_shape(image, image_size + (3,)),
             'mask': idx >= 0,
             'index': tf.cast(idx, tf.int32)}
@@ -315,31 +506,3 @@ def create_eval_dataset(records: Sequence[Record],
   ds = ds.map(lambda b: _to_devices(b, num_local_devices))
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_options())
-
-
-def prefetch_to_device(iterator: Iterable[Any] | tf.data.Dataset, size: int = 2,
-                       devices: Sequence[Any] | None = None) -> Iterator[Any]:
-  """Puts batches on the local devices ahead of use (for jax.pmap).
-
-  Uses flax.jax_utils.prefetch_to_device (each leaf's leading axis, of length
-  len(devices), is sharded over the devices).
-
-  Args:
-    iterator: iterable of pytrees of arrays shaped (D, ...) (numpy arrays or
-      tf tensors, e.g. `iter(dataset)`), or a tf.data.Dataset.
-    size: number of batches kept on the devices.
-    devices: target devices; default jax.local_devices() in pmap order.
-
-  Returns:
-    iterator of pytrees of device-sharded jax.Arrays.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import jax_utils  # pylint: disable=g-import-not-at-top
-  if isinstance(iterator, tf.data.Dataset):
-    iterator = iterator.as_numpy_iterator()
-
-  def as_numpy(x):
-    return x.numpy() if isinstance(x, tf.Tensor) else x
-
-  numpy_batches = (jax.tree_util.tree_map(as_numpy, b) for b in iterator)
-  return jax_utils.prefetch_to_device(numpy_batches, size, devices=devices)

@@ -23,6 +23,9 @@ What the pipeline gets:
   records are in `index` order (so `records[i]` is the example with index i)
   and equal the folder reader's records (path: `manual_dir/path` when a
   manual dir is given, else the relative path);
+* `read_tfds_dataset_and_images(name, data_dir, manual_dir)` -> the same
+  dataset and every split's encoded images in record order, each split read
+  once (what `input_pipeline.data_source` uses for `data_format='tfds'`);
 * `read_tfds_arrays(name, split, data_dir)` -> numpy arrays `index`, `pid`,
   `camid`, `path` in `index` order (e.g. for the PK sampler);
 * `as_tf_dataset(name, split, data_dir)` -> `tf.data.Dataset` of dicts
@@ -289,22 +292,42 @@ def read_tfds_dataset(name: str, data_dir: str | None = None,
   return ReIDDataset(name=name, **splits)
 
 
-def encoded_images(name: str, split: str, data_dir: str | None = None) -> list[bytes]:
-  """The encoded image bytes of a prepared split, in index (record) order.
+def _read_split_and_images(name: str, split: str, data_dir: str | None,
+                           image_root: str | None) -> tuple[tuple[Record, ...], list[bytes]]:
+  """One pass over a prepared split: its records and encoded images, in index order."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  rows = []
+  for ex in tfds.as_numpy(as_tf_dataset(name, split, data_dir)):
+    path = ex['path'].decode('utf-8') if isinstance(ex['path'], bytes) else str(ex['path'])
+    rows.append((int(ex['index']), path, int(ex['pid']), int(ex['camid']),
+                 bytes(ex['image'])))
+  rows.sort(key=lambda row: row[0])
+  records = tuple(Record(os.path.join(image_root, p) if image_root else p, pid, camid)
+                  for _, p, pid, camid, _ in rows)
+  return records, [row[4] for row in rows]
 
-  With `pipeline.in_memory_loader` this lets training and evaluation read the
-  images from the TFRecord shards instead of the original folder.
+
+def read_tfds_dataset_and_images(name: str, data_dir: str | None = None,
+                                 manual_dir: str | None = None
+                                 ) -> tuple[ReIDDataset, dict[str, list[bytes]]]:
+  """`read_tfds_dataset` plus every split's encoded images, each split read once.
 
   Args:
     name: a key of `catalog.DATASETS`.
-    split: 'train', 'query' or 'gallery'.
     data_dir: TFDS data dir.
+    manual_dir: the dataset folder (to prepare from; root of the record paths).
 
   Returns:
-    encoded[i] is the image of the split's record i.
+    (dataset, images): images[split][i] is the encoded image of the split's record i
+    (empty lists for absent splits).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  dataset = as_tf_dataset(name, split, data_dir).map(
-      lambda ex: {'index': ex['index'], 'image': ex['image']})
-  items = sorted((int(ex['index']), bytes(ex['image'])) for ex in tfds.as_numpy(dataset))
-  return [image for _, image in items]
+  builder = _prepared_builder(name, data_dir, manual_dir)
+  image_root = os.path.abspath(manual_dir) if manual_dir else None
+  splits, images = {}, {}
+  for split in base.SPLITS:
+    if split in builder.info.splits:
+      splits[split], images[split] = _read_split_and_images(name, split, data_dir,
+                                                            image_root)
+    else:
+      splits[split], images[split] = (), []
+  return ReIDDataset(name=name, **splits), images

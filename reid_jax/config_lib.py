@@ -2,13 +2,16 @@
 
 import ml_collections
 
-MODEL_NAMES = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+from input_pipeline import data_source
+from reid_jax import convert
+from reid_jax import models
+
+MODEL_NAMES = models.MODEL_NAMES  # owned by the models (and reid_jax.backbones)
 LOSS_TYPES = ('softmax', 'triplet', 'softmax_triplet', 'softmax_triplet_center')
 SAMPLERS = ('pk', 'shuffle')
 NECKS = ('bnneck', 'no')
 NECK_FEATS = ('after', 'before')
 POOLINGS = ('avg', 'gem')
-DATA_FORMATS = ('folder', 'tfds')
 
 
 class ConfigError(ValueError):
@@ -48,7 +51,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _choice(config, 'model.pooling', POOLINGS)
   _choice(config, 'loss.type', LOSS_TYPES)
   _choice(config, 'sampler', SAMPLERS)
-  _choice(config, 'data_format', DATA_FORMATS)
+  _choice(config, 'data_format', data_source.DATA_FORMATS)
+  _choice(config, 'model.pretrain_choice', convert.PRETRAIN_CHOICES)
+  if config.model.pretrained:
+    convert.check_pretrained_file(config.model.pretrained, config.model.pretrain_choice)
   if config.model.last_stride not in (1, 2):
     raise ConfigError(f'config.model.last_stride={config.model.last_stride} must be 1 or 2.')
   if config.batch_size <= 0 or config.batch_size % num_devices:
@@ -81,6 +87,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                 'keep_checkpoints'):
     if config[field] <= 0:
       raise ConfigError(f'config.{field}={config[field]} must be positive.')
-  if len(config.input.image_size) != 2:
+  if (len(config.input.image_size) != 2
+      or any(int(v) <= 0 for v in config.input.image_size)):
     raise ConfigError(
-        f'config.input.image_size={config.input.image_size} must be (height, width).')
+        f'config.input.image_size={config.input.image_size} must be (height, width), '
+        'both positive.')
+  if not config.optim.base_lr > 0:
+    raise ConfigError(f'config.optim.base_lr={config.optim.base_lr} must be positive (a '
+                      'negative rate would ascend the loss).')
+  if not config.min_loss_scale > 0:
+    raise ConfigError(f'config.min_loss_scale={config.min_loss_scale} must be positive.')
+  for field in ('checkpoint_every_steps', 'checkpoint_every_minutes'):
+    if config[field] < 0:
+      raise ConfigError(f'config.{field}={config[field]} must be 0 (off) or positive.')
+  for field in ('max_skipped_steps', 'prefetch_batches'):
+    if config[field] <= 0:
+      raise ConfigError(f'config.{field}={config[field]} must be positive.')
+  if config.profile_steps < 0:
+    raise ConfigError(f'config.profile_steps={config.profile_steps} must be 0 (off) or '
+                      'positive.')

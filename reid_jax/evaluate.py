@@ -5,6 +5,7 @@ every query and gallery image is counted exactly once) and scored on the host wi
 `eval.metrics` and `eval.rerank`, as big_vision does.
 """
 
+import collections
 import json
 import logging
 import os
@@ -19,22 +20,32 @@ from eval import distance as distance_lib
 from eval import metrics as metrics_lib
 from eval import report as report_lib
 from eval import rerank as rerank_lib
+from input_pipeline import data_source
 from input_pipeline import pipeline
 from input_pipeline.records import ReIDDataset, Record
 
+# Evaluation batches dispatched before the oldest one is fetched.
+_EVAL_BATCHES_IN_FLIGHT = 4
+
 
 def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record],
-                     config: ml_collections.ConfigDict, dtype: Any,
-                     load_image: Optional[Callable] = None) -> np.ndarray:
+                     config: ml_collections.ConfigDict,
+                     load_image: Optional[Callable] = None,
+                     log_every_secs: float = 10.0) -> np.ndarray:
   """Embeds every record once, in order.
+
+  uint8 batches (prefetched on the host by tf.data) are sent to the devices
+  asynchronously and normalised there; outputs are fetched a few batches behind the dispatch, so the device always
+  has work queued and the host never waits for a batch it just sent. Progress (images
+  done, images/s) is logged every `log_every_secs`.
 
   Args:
     p_eval_step: pmapped `train_step.eval_step`.
-    state: the train state.
+    state: the train state, already on the devices (see `train._on_devices`).
     records: images to embed.
     config: the run's config (config.test.batch_size, config.input).
-    dtype: the compute dtype images are cast to.
     load_image: image reader hook of `pipeline.create_eval_dataset` (TFDS data).
+    log_every_secs: seconds between progress lines.
 
   Returns:
     float32 features (len(records), D) in the order of `records`.
@@ -42,19 +53,39 @@ def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record
   num_local = jax.local_device_count()
   ds = pipeline.create_eval_dataset(records, config, num_local_devices=num_local,
                                     process_index=jax.process_index(),
-                                    process_count=jax.process_count(), dtype=dtype,
+                                    process_count=jax.process_count(),
                                     load_image=load_image)
   feats = None
   seen = np.zeros(len(records), bool)
-  for batch in ds.as_numpy_iterator():
-    out = np.asarray(jax.device_get(p_eval_step(state, {'image': batch['image']})))
-    mask = np.asarray(batch['mask']).reshape(-1)
-    index = np.asarray(batch['index']).reshape(-1)[mask]
+  pending: collections.deque = collections.deque()
+  start = last_log = time.time()
+  done = 0
+
+  def collect(out: jax.Array, mask: np.ndarray, index: np.ndarray) -> None:
+    nonlocal feats, done
+    out = np.asarray(jax.device_get(out))
     out = out.reshape(-1, out.shape[-1])[mask]
     if feats is None:
       feats = np.zeros((len(records), out.shape[-1]), np.float32)
-    feats[index] = out
-    seen[index] = True
+    feats[index[mask]] = out
+    seen[index[mask]] = True
+    done += int(mask.sum())
+
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('batch',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
+  for batch in ds.as_numpy_iterator():  # tf.data prefetches on the host
+    # Asynchronous transfer and dispatch: only the image goes to the devices.
+    image = jax.device_put(batch['image'], sharding)
+    out = p_eval_step(state, {'image': image})
+    pending.append((out, batch['mask'].reshape(-1), batch['index'].reshape(-1)))
+    if len(pending) > _EVAL_BATCHES_IN_FLIGHT:
+      collect(*pending.popleft())
+    if time.time() - last_log >= log_every_secs:
+      last_log = time.time()
+      logging.info('Features: %d / %d images (%.0f images/s).', done, len(records),
+                   done / (last_log - start))
+  while pending:
+    collect(*pending.popleft())
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     feats = np.asarray(multihost_utils.process_allgather(feats)).sum(0)
@@ -129,28 +160,26 @@ def format_results(results: dict) -> str:
   return '\n'.join(lines)
 
 
-def run_evaluation(p_eval_step: Callable, state: Any, test_set: ReIDDataset,
-                   config: ml_collections.ConfigDict, workdir: str, dtype: Any,
-                   write_reports: bool = True,
-                   load_image: Optional[Callable] = None) -> dict:
+def run_evaluation(p_eval_step: Callable, state: Any, source: data_source.DataSource,
+                   config: ml_collections.ConfigDict, workdir: str,
+                   write_reports: bool = True) -> dict:
   """Embeds query and gallery, scores them, writes JSON and pictures to the workdir.
 
   Args:
     p_eval_step: pmapped `train_step.eval_step`.
     state: the train state.
-    test_set: the dataset whose query and gallery are scored.
+    source: the test data: its dataset's query and gallery are scored.
     config: the run's config.
     workdir: where `eval_results.json`, `worst_queries.png` and `cmc.png` go.
-    dtype: the compute dtype.
     write_reports: draw the PNG reports (process 0 only).
-    load_image: image reader hook for TFDS data (None: read the record paths).
 
   Returns:
     The results dict (see `score`) with the step.
   """
   start = time.time()
+  test_set = source.dataset
   feats = extract_features(p_eval_step, state, list(test_set.query) + list(test_set.gallery),
-                           config, dtype, load_image)
+                           config, source.load_test_image)
   num_q = len(test_set.query)
   results, arrays = score(feats[:num_q], feats[num_q:], test_set.query, test_set.gallery,
                           config.test)

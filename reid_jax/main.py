@@ -7,6 +7,7 @@ On several hosts, start one process per host with the same --coordinator_address
 """
 
 import logging as py_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -58,10 +59,15 @@ def main(argv):
   from reid_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
-  if FLAGS.eval_only:
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-  else:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from reid_jax import preemption  # pylint: disable=g-import-not-at-top
+  try:
+    if FLAGS.eval_only:
+      train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    else:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except preemption.PreemptedError as e:
+    logging.warning('%s', e)
+    sys.exit(130 if 'SIGINT' in str(e) else 143)
 
 
 if __name__ == '__main__':

@@ -1,5 +1,8 @@
 """ResNet backbones and the BoT re-ID model (BNNeck head) in flax.linen.
 
+The strong baseline's other backbones (ResNet-IBN-a, SE-ResNet, SE-ResNeXt,
+SENet-154) live in `reid_jax.backbones`; `ReIDModel` builds any of MODEL_NAMES.
+
 Layout follows torchvision's ResNet (v1.5: the stride of a Bottleneck sits on its
 3x3 conv) with explicit symmetric padding, so converted torchvision weights give
 the same outputs as PyTorch (see `reid_jax.convert` for the name mapping).
@@ -34,11 +37,14 @@ Values are unchanged either way.
 """
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from reid_jax import backbones
+from reid_jax.backbones import layers
 
 Array = jax.Array
 Dtype = Any
@@ -52,87 +58,24 @@ RESNET_SPECS = {
     'resnet152': ((3, 8, 36, 3), 'bottleneck'),
 }
 BLOCK_TYPES = ('basic', 'bottleneck')
+# Every `ReIDModel.backbone` / `config.model.name`: torchvision ResNets (here) and
+# the strong baseline's other backbones (`reid_jax.backbones`).
+MODEL_NAMES = tuple(RESNET_SPECS) + backbones.NAMES
 NECKS = ('bnneck', 'no')
 NECK_FEATS = ('after', 'before')
 POOLINGS = ('avg', 'gem')
 
-# torchvision's ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'),
-# i.e. an (untruncated) normal with std sqrt(2 / (kh * kw * out_channels)).
-conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# Shared primitives (see `reid_jax.backbones.layers`), under their historical names.
+conv_kernel_init = layers.conv_kernel_init
+torch_linear_kernel_init = layers.torch_linear_kernel_init
+_torch_linear_bias_init = layers.torch_linear_bias_init
+_check_choice = layers.check_choice
+_batch_norm = layers.batch_norm
+Conv = layers.Conv
+_conv = layers.conv
+stem_max_pool = layers.stem_max_pool
 # BoT's weights_init_classifier: normal(std=0.001).
 classifier_kernel_init = nn.initializers.normal(stddev=0.001)
-# PyTorch's default nn.Linear init (BoT leaves the neck='no' classifier at it):
-# kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_linear_kernel_init = nn.initializers.variance_scaling(
-    1.0 / 3.0, 'fan_in', 'uniform')
-
-
-def _torch_linear_bias_init(fan_in: int) -> Callable[..., Array]:
-  """PyTorch's default nn.Linear bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / float(fan_in) ** 0.5
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-def _check_choice(field: str, value: Any, allowed: Sequence[Any]) -> None:
-  """Raises ValueError naming `field` if `value` is not in `allowed`."""
-  if value not in allowed:
-    raise ValueError(
-        f'Unknown {field}={value!r}; allowed values: {", ".join(map(repr, allowed))}.')
-
-
-def _batch_norm(train: bool, dtype: Dtype, axis_name: Optional[str],
-                name: str, use_bias: bool = True) -> nn.BatchNorm:
-  """The BatchNorm used everywhere (PyTorch defaults: momentum 0.1, eps 1e-5)."""
-  return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      # Two-pass variance (mean of squared deviations): E[x^2] - E[x]^2 loses most
-      # digits when |mean| >> std, which made cross-device and single-device BN differ.
-      use_fast_variance=False,
-      use_bias=use_bias,
-      scale_init=nn.initializers.ones,
-      bias_init=nn.initializers.zeros,
-      axis_name=axis_name,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      name=name)
-
-
-class Conv(nn.Conv):
-  """`nn.Conv` that can materialise its input (see `conv_input_barrier` above).
-
-  Attributes:
-    input_barrier: pass the input through `jax.lax.optimization_barrier` first.
-  """
-  input_barrier: bool = False
-
-  def __call__(self, inputs: Array) -> Array:
-    """Applies the convolution (same parameters and values as `nn.Conv`)."""
-    if self.input_barrier:
-      inputs = jax.lax.optimization_barrier(inputs)
-    return super().__call__(inputs)
-
-
-def _conv(features: int, kernel: int, stride: int, dtype: Dtype,
-          name: str, input_barrier: bool = False) -> nn.Conv:
-  """Bias-free conv with PyTorch's symmetric padding `kernel // 2`."""
-  pad = kernel // 2
-  return Conv(
-      features,
-      (kernel, kernel),
-      strides=(stride, stride),
-      padding=((pad, pad), (pad, pad)),
-      use_bias=False,
-      kernel_init=conv_kernel_init,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      input_barrier=input_barrier,
-      name=name)
 
 
 class BasicBlock(nn.Module):
@@ -285,18 +228,6 @@ class ResNet(nn.Module):
     return x
 
 
-def stem_max_pool(x: Array) -> Array:
-  """torch's MaxPool2d(kernel_size=3, stride=2, padding=1) on NHWC input.
-
-  Args:
-    x: (N, H, W, C) input.
-
-  Returns:
-    (N, ceil(H/2), ceil(W/2), C); the padding acts as -inf as in PyTorch.
-  """
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-
 def resnet(name: str, **kwargs: Any) -> ResNet:
   """Builds a named torchvision ResNet backbone.
 
@@ -340,11 +271,12 @@ class GeneralizedMeanPooling(nn.Module):
 
 
 class ReIDModel(nn.Module):
-  """The BoT strong-baseline model: ResNet + global pooling + (BN)neck + classifier.
+  """The BoT strong-baseline model: backbone + global pooling + (BN)neck + classifier.
 
   Attributes:
     num_classes: number of training identities.
-    backbone: one of RESNET_SPECS.
+    backbone: one of MODEL_NAMES: a torchvision ResNet (RESNET_SPECS) or one of
+      `reid_jax.backbones.NAMES` (ResNet-IBN-a, SE-ResNet, SE-ResNeXt, SENet-154).
     last_stride: stride of layer4 (1 or 2).
     neck: 'bnneck' (BatchNorm1d without bias before the bias-free classifier) or
       'no' (classifier with bias directly on the pooled feature).
@@ -374,7 +306,7 @@ class ReIDModel(nn.Module):
   conv_input_barrier: bool = False
 
   def __post_init__(self):
-    _check_choice('backbone', self.backbone, tuple(RESNET_SPECS))
+    _check_choice('backbone', self.backbone, MODEL_NAMES)
     _check_choice('last_stride', self.last_stride, (1, 2))
     _check_choice('neck', self.neck, NECKS)
     _check_choice('neck_feat', self.neck_feat, NECK_FEATS)
@@ -384,6 +316,8 @@ class ReIDModel(nn.Module):
   @property
   def feature_dim(self) -> int:
     """Dimension of the pooled feature (2048 for resnet50, 512 for resnet18)."""
+    if self.backbone not in RESNET_SPECS:
+      return backbones.feature_dim(self.backbone, self.stage_sizes, self.width)
     stage_sizes, block = RESNET_SPECS[self.backbone]
     num_stages = len(self.stage_sizes or stage_sizes)
     return self.width * 2**(num_stages - 1) * (4 if block == 'bottleneck' else 1)
@@ -401,18 +335,30 @@ class ReIDModel(nn.Module):
         being the pooled feature before the neck (for the triplet loss).
       train=False: the (N, D) float32 test feature selected by `neck_feat`.
     """
-    stage_sizes, block = RESNET_SPECS[self.backbone]
-    if self.stage_sizes is not None:
-      stage_sizes = tuple(self.stage_sizes)
-    fmap = ResNet(
-        stage_sizes=stage_sizes,
-        block=block,
-        last_stride=self.last_stride,
-        width=self.width,
-        dtype=self.dtype,
-        bn_axis_name=self.bn_axis_name,
-        conv_input_barrier=self.conv_input_barrier,
-        name='backbone')(x, train)
+    if self.backbone in RESNET_SPECS:
+      stage_sizes, block = RESNET_SPECS[self.backbone]
+      if self.stage_sizes is not None:
+        stage_sizes = tuple(self.stage_sizes)
+      backbone = ResNet(
+          stage_sizes=stage_sizes,
+          block=block,
+          last_stride=self.last_stride,
+          width=self.width,
+          dtype=self.dtype,
+          bn_axis_name=self.bn_axis_name,
+          conv_input_barrier=self.conv_input_barrier,
+          name='backbone')
+    else:
+      backbone = backbones.create(
+          self.backbone,
+          last_stride=self.last_stride,
+          dtype=self.dtype,
+          bn_axis_name=self.bn_axis_name,
+          conv_input_barrier=self.conv_input_barrier,
+          stages=self.stage_sizes,
+          width=self.width,
+          module_name='backbone')
+    fmap = backbone(x, train)
     if self.pooling == 'gem':
       global_feat = GeneralizedMeanPooling(init_p=self.gem_p, name='gem')(fmap)
     else:

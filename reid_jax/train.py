@@ -1,72 +1,76 @@
-"""The training loop: data, state, pmapped steps, logging, checkpoints, evaluation."""
+"""The training loop: data, state, pmapped steps, logging, checkpoints, evaluation.
+
+The loop never waits for the device between log steps: batches are prefetched to
+the devices by a background thread from one input stream for the whole run (epoch
+boundaries cost nothing; a resumed run starts the stream at its first unseen batch),
+the state and the metrics accumulator are donated to the step, and metrics are summed
+on the device and fetched only at log steps and epoch ends. Non-finite steps are
+skipped on the device; the host stops the run at the next fetch (see `_check_skipped`).
+"""
 
 import dataclasses
+import functools
 import logging
-import math
+import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
 
-from input_pipeline import catalog
+from input_pipeline import data_source
+from input_pipeline import device_augment
 from input_pipeline import pipeline
-from input_pipeline.records import ReIDDataset
 from reid_jax import checkpoint as checkpoint_lib
 from reid_jax import config_lib
+from reid_jax import convert
 from reid_jax import evaluate as evaluate_lib
 from reid_jax import models
 from reid_jax import optim
 from reid_jax import precision
+from reid_jax import preemption
 from reid_jax import train_step as step_lib
+from reid_jax import workdir as workdir_lib
+
+
+# --config.checkpoint files that hold a converted PyTorch model rather than orbax state.
+CONVERTED_SUFFIXES = ('.npz', '.pth', '.pt')
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or inf; the last good state was checkpointed."""
+  """Training produced non-finite gradients; the last good state was checkpointed."""
 
 
 @dataclasses.dataclass
-class Setup:
-  """Everything `train_and_evaluate` and `evaluate_checkpoint` build from a config."""
-  train_set: ReIDDataset
-  test_set: ReIDDataset
+class Experiment:
+  """What `train_and_evaluate` and `evaluate_checkpoint` build from a config."""
+  train_source: data_source.DataSource
+  test_source: data_source.DataSource
   state: step_lib.TrainState
   p_train_step: Any
   p_eval_step: Any
   dtype: Any
   steps_per_epoch: int
   learning_rate_fn: Any
-  # Image readers for TFDS-prepared data (None: read the record paths).
-  train_loader: Optional[Callable] = None
-  test_loader: Optional[Callable] = None
 
 
-def tfds_loaders(config: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
-  """Readers of the train and query+gallery images from the TFDS TFRecord shards."""
-  from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
-  data_dir = config.tfds_data_dir or None
-  test_name = config.test_dataset or config.dataset
-  train = tfds_builders.encoded_images(config.dataset, 'train', data_dir)
-  test = (tfds_builders.encoded_images(test_name, 'query', data_dir)
-          + tfds_builders.encoded_images(test_name, 'gallery', data_dir))
-  return pipeline.in_memory_loader(train), pipeline.in_memory_loader(test)
-
-
-def setup(config: ml_collections.ConfigDict) -> Setup:
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Validates the config and builds datasets, model, state and the pmapped steps.
 
   Args:
     config: the run's config.
 
   Returns:
-    A `Setup` with a freshly initialised state (not restored).
+    An `Experiment` with a freshly initialised state (not restored).
   """
   num_devices = jax.device_count()
   config_lib.validate(config, num_devices)
-  dtype = precision.compute_dtype(config)
-  train_set, test_set = catalog.load_train_test(config)
+  dtype, why = precision.choose_compute_dtype(config)
+  logging.info('Compute dtype %s: %s.', np.dtype(dtype).name, why)
+  train_source, test_source = data_source.load_train_test(config)
+  train_set = train_source.dataset
   num_classes = train_set.num_train_pids
   steps_per_epoch = pipeline.steps_per_epoch(train_set.train, config, num_devices)
   image_size = tuple(config.input.image_size)
@@ -77,47 +81,158 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   state = step_lib.create_train_state(
       jax.random.key(config.seed), model, tx, image_size, num_classes,
       use_center=config_lib.uses_center_loss(config),
-      dynamic_scale=precision.create_dynamic_scale(dtype))
+      dynamic_scale=precision.create_dynamic_scale(
+          dtype, minimum_scale=config.min_loss_scale))
   if config.model.pretrained:
-    params, batch_stats = models_pretrained(config.model.pretrained, state)
-    state = state.replace(params=params, batch_stats=batch_stats)
+    state = load_pretrained_into_state(config.model.pretrained,
+                                       config.model.pretrain_choice, state)
   p_train_step, p_eval_step = step_lib.make_parallel_steps(
-      step_lib.LossConfig.from_config(config), learning_rate_fn, flip_test=config.test.flip)
+      step_lib.LossConfig.from_config(config), learning_rate_fn, flip_test=config.test.flip,
+      augment_config=device_augment.AugmentConfig.from_config(config.input),
+      seed=config.seed, image_dtype=dtype)
   logging.info('Training %s on %s: %d identities, %d images, %d steps per epoch, '
-               '%d devices, compute dtype %s.', config.model.name, train_set.name,
-               num_classes, len(train_set.train), steps_per_epoch, num_devices,
-               np.dtype(dtype).name)
-  loaders = tfds_loaders(config) if config.data_format == 'tfds' else (None, None)
-  return Setup(train_set, test_set, state, p_train_step, p_eval_step, dtype,
-               steps_per_epoch, learning_rate_fn, *loaders)
+               '%d devices.', config.model.name, train_set.name, num_classes,
+               len(train_set.train), steps_per_epoch, num_devices)
+  return Experiment(train_source, test_source, state, p_train_step, p_eval_step, dtype,
+                    steps_per_epoch, learning_rate_fn)
 
 
-def models_pretrained(path: str, state: step_lib.TrainState) -> tuple[Any, Any]:
-  """Loads converted ImageNet weights into the backbone of a fresh state."""
-  from reid_jax import convert  # pylint: disable=g-import-not-at-top
-  params = step_lib.model_params(state.params)
-  params, batch_stats = convert.load_pretrained(path, params, state.batch_stats)
+def load_pretrained_into_state(path: str, choice: str, state: step_lib.TrainState
+                               ) -> step_lib.TrainState:
+  """A fresh state with converted PyTorch weights loaded (see `convert.load_pretrained`).
+
+  Args:
+    path: a .npz from reid_jax.convert, or a .pth when torch is installed.
+    choice: 'imagenet' (backbone only) or 'self' (the whole re-ID model).
+    state: a freshly initialised state; the center-loss centers are kept.
+
+  Returns:
+    The state with the file's weights in its params and BN statistics.
+  """
+  params, batch_stats = convert.load_pretrained(
+      path, step_lib.model_params(state.params), state.batch_stats, choice=choice)
   params = dict(params)
   if step_lib.CENTER_KEY in state.params:
     params[step_lib.CENTER_KEY] = state.params[step_lib.CENTER_KEY]
-  return params, batch_stats
+  return state.replace(params=params, batch_stats=batch_stats)
 
 
-def _host_metrics(metrics: dict) -> dict[str, float]:
-  """Per-device metrics (already averaged over devices) to host floats."""
-  return {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+def _on_devices(tree: Any) -> Any:
+  """Replicates `tree` over the local devices as the pmapped steps return their state.
+
+  With several processes the pmapped steps take the host value and broadcast it.
+  """
+  if jax.process_count() > 1:
+    return tree
+  return jax.device_put(tree, step_lib.replicated_sharding())
 
 
-def _check_finite(metrics: dict, step: int, state_before: step_lib.TrainState,
-                  manager: Any, half_with_scale: bool) -> None:
-  if half_with_scale or math.isfinite(metrics['loss']):
+def _initial_metrics_acc(exp: Experiment, state: step_lib.TrainState,
+                         config: ml_collections.ConfigDict) -> dict:
+  """A zero metrics accumulator shaped by what the train step returns."""
+  height, width = config.input.image_size
+  per_device = config.batch_size // jax.device_count()
+  batch = {'image': jax.ShapeDtypeStruct((1, per_device, height, width, 3), np.uint8),
+           **{k: jax.ShapeDtypeStruct((1, per_device), np.int32)
+              for k in ('label', 'epoch', 'position')}}
+  step = functools.partial(
+      step_lib.train_step, loss_config=step_lib.LossConfig.from_config(config),
+      learning_rate_fn=exp.learning_rate_fn,
+      augment_config=device_augment.AugmentConfig.from_config(config.input),
+      seed=config.seed, image_dtype=exp.dtype)
+  # vmap over one "device" binds the axis name of the collectives, as pmap does.
+  _, metric_shapes = jax.eval_shape(
+      jax.vmap(step, in_axes=(None, 0), axis_name=step_lib.AXIS_NAME), state, batch)
+  return step_lib.init_metrics_acc(metric_shapes)
+
+
+def _window_scalars(acc: dict) -> dict[str, float]:
+  """Means over the window's finite steps, last values, and the skipped count."""
+  finite = int(acc['finite_steps'])
+  out = {k: float(v) / finite for k, v in acc['sums'].items()} if finite else {}
+  out.update({k: float(v) for k, v in acc['last'].items()})
+  out['skipped_steps'] = float(acc['skipped_steps'])
+  return out
+
+
+def _check_skipped(acc: dict, state: step_lib.TrainState, manager: Any,
+                   config: ml_collections.ConfigDict) -> None:
+  """Stops the run when skipped steps are not to be tolerated.
+
+  float32 / bfloat16: any skipped step stops the run. float16 with a loss scale:
+  skipping is how the scale is calibrated, so the run stops only when the scale has
+  fallen to config.min_loss_scale or after config.max_skipped_steps consecutive
+  skipped steps. The state is still the last good one (skipped steps change nothing
+  but the step counter and the scale), so it is saved as is.
+
+  Raises:
+    NonFiniteLossError: naming the window's first skipped step, its loss terms and
+      the checkpoint left.
+  """
+  streak = int(acc['consecutive_skipped'])
+  if not int(acc['skipped_steps']) and not streak:
     return
-  saved = checkpoint_lib.save(manager, state_before, wait=True)
-  terms = ', '.join(f'{k}={v:.4g}' for k, v in sorted(metrics.items()))
+  if state.dynamic_scale is not None:
+    scale = float(acc['last']['loss_scale'])
+    if streak < config.max_skipped_steps and scale > config.min_loss_scale:
+      return
+    why = (f'the loss scale fell to {scale:g} (config.min_loss_scale='
+           f'{config.min_loss_scale:g})' if scale <= config.min_loss_scale else
+           f'{streak} consecutive steps were skipped (config.max_skipped_steps='
+           f'{config.max_skipped_steps})')
+  else:
+    why = 'float32/bfloat16 training does not skip steps'
+  first = int(acc['first_skipped_step'])
+  terms = ', '.join(f'{k}={float(v):.4g}'
+                    for k, v in sorted(acc['first_skipped_metrics'].items()))
+  saved = checkpoint_lib.save(manager, state, wait=True)
   raise NonFiniteLossError(
-      f'Loss became {metrics["loss"]} at step {step + 1}: {terms}. The last good state '
-      f'(step {saved}) is saved in {manager.directory}; lower config.optim.base_lr or '
-      'check the data.')
+      f'Non-finite gradients at step {first} ({terms}): {why}. The last good state '
+      f'(step counter {saved}) is saved in {manager.directory}; lower '
+      'config.optim.base_lr or check the data.')
+
+
+class _Profiler:
+  """Writes a profiler trace of `num_steps` steps to `logdir` (jax.profiler)."""
+
+  def __init__(self, logdir: str, first_step: int, num_steps: int):
+    self.logdir, self.first, self.last = logdir, first_step, first_step + num_steps
+    self.running = False
+
+  def __call__(self, step: int, state: Any) -> None:
+    if not self.running and step == self.first:
+      jax.profiler.start_trace(self.logdir)
+      self.running = True
+    elif self.running and step >= self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.running = False
+      logging.info('Profiler trace of steps %d-%d written to %s (open with TensorBoard '
+                   'or Perfetto).', self.first + 1, self.last, self.logdir)
+
+
+def _identity_map(dataset: Any) -> dict[str, int]:
+  """{first training image of each class (relative to the data dir's parent): class}."""
+  first: dict[int, str] = {}
+  for record in dataset.train:
+    first.setdefault(record.pid, os.path.join(*record.path.split(os.sep)[-2:]))
+  return {path: label for label, path in sorted(first.items())}
+
+
+def _warn_if_model_changed(workdir: str, config: ml_collections.ConfigDict,
+                           num_classes: int) -> None:
+  """Warns when the workdir's saved config differs in a field that changes the model."""
+  saved = workdir_lib.read_run_config(workdir)
+  if saved is None:
+    return
+  saved_map = workdir_lib.read_pid_map(workdir)
+  diffs = workdir_lib.config_differences(
+      saved, config, saved_num_classes=len(set(saved_map.values())) if saved_map else None,
+      given_num_classes=num_classes)
+  if diffs:
+    logging.warning('The config differs from the one the checkpoints in %s were trained '
+                    'with, in fields that change the model:\n%s', workdir,
+                    workdir_lib.format_differences(diffs))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -129,63 +244,102 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns:
     The final evaluation results (see `evaluate.score`).
+
+  Raises:
+    preemption.PreemptedError: SIGTERM/SIGINT: the state was saved first.
+    NonFiniteLossError: see `_check_skipped`.
+    workdir.WorkdirLockedError: another run holds the workdir.
   """
-  s = setup(config)
-  manager = checkpoint_lib.create_manager(workdir, config.keep_checkpoints)
-  state = checkpoint_lib.restore(manager, s.state)
-  if jax.process_count() == 1:
-    # As the step returns it: otherwise its second call compiles it again.
-    state = jax.device_put(state, step_lib.replicated_sharding())
-  start_step = int(jax.device_get(state.step))
-  if start_step:
-    logging.info('Resumed from %s at step %d.', manager.directory, start_step)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  total_steps = config.num_epochs * s.steps_per_epoch
-  half_with_scale = state.dynamic_scale is not None
-  num_local = jax.local_device_count()
-  global_batch = config.batch_size
-  results: dict = {}
-  step = start_step
-  window_start, window_steps = time.time(), 0
-  for epoch in range(start_step // s.steps_per_epoch, config.num_epochs):
-    ds = pipeline.create_train_dataset(
-        s.train_set.train, config, epoch=epoch, num_local_devices=num_local,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        dtype=s.dtype, steps=s.steps_per_epoch, load_image=s.train_loader)
-    skip = step - epoch * s.steps_per_epoch  # resumed inside an epoch
-    for i, batch in enumerate(pipeline.prefetch_to_device(ds.as_numpy_iterator(), 2)):
-      if i < skip:
-        continue
-      state_before = state
-      state, metrics = s.p_train_step(state, batch)
-      host = _host_metrics(metrics)
-      _check_finite(host, step, state_before, manager, half_with_scale)
-      step += 1
-      window_steps += 1
-      if step % config.log_every_steps == 0 or step == total_steps:
-        elapsed = time.time() - window_start
-        host['images_per_sec'] = window_steps * global_batch / max(elapsed, 1e-9)
-        host['epoch'] = epoch + 1
-        host['eta_minutes'] = (total_steps - step) * elapsed / max(window_steps, 1) / 60
-        writer.write_scalars(step, host)
-        window_start, window_steps = time.time(), 0
-    epoch_done = epoch + 1
-    if epoch_done % config.checkpoint_every_epochs == 0 or epoch_done == config.num_epochs:
-      checkpoint_lib.save(manager, state)
-    if epoch_done % config.eval_every_epochs == 0 or epoch_done == config.num_epochs:
-      results = evaluate_lib.run_evaluation(s.p_eval_step, state, s.test_set, config,
-                                            workdir, s.dtype, load_image=s.test_loader)
-      writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()
-                                  if isinstance(v, float)})
-      writer.flush()
-  manager.wait_until_finished()
-  writer.flush()
-  if not results:  # nothing left to train: evaluate the restored state
-    results = evaluate_lib.run_evaluation(s.p_eval_step, state, s.test_set, config,
-                                          workdir, s.dtype, load_image=s.test_loader)
+  exp = build_experiment(config)
+  with workdir_lib.WorkdirLock(workdir, workdir_lib.shared_run_id(),
+                               process_index=jax.process_index()):
+    _warn_if_model_changed(workdir, config, exp.train_source.dataset.num_train_pids)
+    if jax.process_index() == 0:
+      workdir_lib.write_run_files(workdir, config, _identity_map(exp.train_source.dataset))
+    manager = checkpoint_lib.create_manager(workdir, config.keep_checkpoints)
+    best = checkpoint_lib.create_best_manager(workdir)
+    state = checkpoint_lib.restore(manager, exp.state)
+    with preemption.PreemptionWatch() as watch:
+      results = _train_loop(exp, config, workdir, state, manager, best, watch)
   print(evaluate_lib.format_results(results), flush=True)
   return results
+
+
+def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str,
+                state: step_lib.TrainState, manager: Any, best: Any,
+                watch: preemption.PreemptionWatch) -> dict:
+  """The steps from the restored state to the end, then the final evaluation."""
+  # On the devices as the step returns it: otherwise its second call compiles again.
+  state = _on_devices(state)
+  start_step = int(jax.device_get(state.step))
+  acc = _on_devices(_initial_metrics_acc(exp, state, config))
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  steps_per_epoch = exp.steps_per_epoch
+  total_steps = config.num_epochs * steps_per_epoch
+  policy = checkpoint_lib.SavePolicy.from_config(
+      config, steps_per_epoch, agree=_broadcast_from_process_0())
+  policy.start(time.time())
+  stream = pipeline.create_train_stream(
+      exp.train_source.dataset.train, config, steps_per_epoch=steps_per_epoch,
+      start_step=start_step, num_steps=total_steps - start_step,
+      num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
+      process_count=jax.process_count(), load_image=exp.train_source.load_train_image)
+  batches = pipeline.prefetch_to_device(stream, config.prefetch_batches)
+  profiler = (_Profiler(workdir, start_step + config.profile_first_step,
+                        config.profile_steps) if config.profile_steps else None)
+  results: dict = {}
+  window_start, window_steps = time.time(), 0
+  for step in range(start_step, total_steps):
+    state, acc = exp.p_train_step(state, acc, next(batches))
+    done = step + 1
+    window_steps += 1
+    checkpoint_lib.check_errors(manager)  # host-only: a failed background save stops now
+    if profiler is not None:
+      profiler(done, state)
+    epoch_done, in_epoch = divmod(done, steps_per_epoch)
+    if done % config.log_every_steps == 0 or in_epoch == 0:
+      host_acc = jax.device_get(acc)  # the only sync with the device between logs
+      _check_skipped(host_acc, state, manager, config)
+      elapsed = max(time.time() - window_start, 1e-9)
+      scalars = _window_scalars(host_acc)
+      scalars['images_per_sec'] = window_steps * config.batch_size / elapsed
+      scalars['epoch'] = done / steps_per_epoch
+      scalars['eta_minutes'] = (total_steps - done) * elapsed / window_steps / 60
+      writer.write_scalars(done, scalars)
+      acc = _on_devices(step_lib.reset_window(host_acc))
+      window_start, window_steps = time.time(), 0
+    if policy.should_save(done, time.time()):
+      checkpoint_lib.save(manager, state)
+    if watch.should_stop(done):
+      saved = checkpoint_lib.save(manager, state, wait=True)
+      raise preemption.PreemptedError(
+          f'Stopped by {watch.received} after step {done}; the state is saved in '
+          f'{manager.directory}/{saved}. Rerun the same command to resume from there.')
+    if in_epoch == 0 and (epoch_done % config.eval_every_epochs == 0
+                          or epoch_done == config.num_epochs):
+      results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_source,
+                                            config, workdir)
+      checkpoint_lib.save_best(best, state, results)
+      writer.write_scalars(done, {f'eval/{k}': v for k, v in results.items()
+                                  if isinstance(v, float)})
+      writer.flush()
+      window_start = time.time()  # evaluation time is not training time
+  manager.wait_until_finished()
+  best.wait_until_finished()
+  writer.flush()
+  if not results:  # nothing left to train: evaluate the restored state
+    results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_source, config,
+                                          workdir)
+  return results
+
+
+def _broadcast_from_process_0() -> Optional[Any]:
+  """multihost_utils.broadcast_one_to_all with several processes, else None."""
+  if jax.process_count() == 1:
+    return None
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.broadcast_one_to_all
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
@@ -204,18 +358,30 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     FileNotFoundError: no checkpoint to evaluate.
   """
-  s = setup(config)
+  exp = build_experiment(config)
+  _warn_if_model_changed(workdir, config, exp.train_source.dataset.num_train_pids)
   path = checkpoint or config.checkpoint
-  if path:
-    state = checkpoint_lib.restore_from_path(path, s.state)
+  if path and path.endswith(CONVERTED_SUFFIXES):
+    # A converted (or PyTorch) re-ID model: the whole model, as pretrain_choice='self'.
+    state = load_pretrained_into_state(path, 'self', exp.state)
+  elif path:
+    state = checkpoint_lib.restore_from_path(path, exp.state)
   else:
-    manager = checkpoint_lib.create_manager(workdir, config.keep_checkpoints)
-    if manager.latest_step() is None:
+    manager = checkpoint_lib.create_manager(workdir, read_only=True)
+    if manager.latest_step() is not None:
+      state = checkpoint_lib.restore(manager, exp.state)
+    elif config.model.pretrained and config.model.pretrain_choice == 'self':
+      logging.info('No checkpoint in %s: evaluating the model loaded from %s.',
+                   manager.directory, config.model.pretrained)
+      state = exp.state
+    else:
       raise FileNotFoundError(
           f'No checkpoint in {manager.directory} to evaluate: train first, or pass '
-          '--config.checkpoint=PATH.')
-    state = checkpoint_lib.restore(manager, s.state)
-  results = evaluate_lib.run_evaluation(s.p_eval_step, state, s.test_set, config, workdir,
-                                        s.dtype, load_image=s.test_loader)
+          '--config.checkpoint=PATH (a checkpoint folder, or a converted .npz / .pth '
+          're-ID model).')
+  # Put on the devices once, not re-uploaded with every batch.
+  state = _on_devices(state)
+  results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_source, config,
+                                        workdir)
   print(evaluate_lib.format_results(results), flush=True)
   return results

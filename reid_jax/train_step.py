@@ -4,6 +4,20 @@ Both steps are written for `jax.pmap(step, axis_name='batch', in_axes=(None, 0),
 out_axes=(None, 0))` (see `make_parallel_steps`): the state goes in unreplicated and
 comes back identical on every device because gradients are averaged and batch norm
 statistics are computed over the global batch (cross-device BN).
+
+Images arrive as uint8 at the training size. The train step augments them on the
+device (`input_pipeline.device_augment`: flip, pad and crop, normalise, random erasing)
+with one PRNG key per image derived from (config.seed, epoch, position of the image in
+the epoch's global batch order), so a batch is the same whatever the device or
+process count; the eval step only normalises.
+
+The loop calls `train_step` through `accumulate_step`, which also sums the step's
+metrics into a small on-device accumulator (`init_metrics_acc`), so the host fetches
+metrics only at log steps: no host sync per step. A step whose gradients are not
+finite is skipped on the device in every precision (params, optimizer state and BN
+statistics keep their old values; `state.step` still advances) and the accumulator
+records how many were skipped, the current streak of consecutive skipped steps, and
+the window's first skipped step with its loss terms.
 """
 
 import functools
@@ -18,7 +32,9 @@ import optax
 from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 
+from input_pipeline import device_augment
 from reid_jax import losses
+from reid_jax import precision
 
 AXIS_NAME = 'batch'
 CENTER_KEY = 'center'
@@ -112,21 +128,33 @@ def compute_loss(params: Any, batch_stats: Any, apply_fn: Callable, batch: dict,
 
 def train_step(state: TrainState, batch: dict, *, loss_config: LossConfig,
                learning_rate_fn: Callable[[jax.Array], jax.Array],
+               augment_config: Optional[device_augment.AugmentConfig] = None,
+               seed: int = 0, image_dtype: Any = jnp.float32,
                axis_name: Optional[str] = AXIS_NAME) -> tuple[TrainState, dict]:
   """One optimisation step on one device's share of the global batch.
 
   Args:
     state: the train state (identical on every device).
-    batch: {'image': (b, H, W, 3), 'label': (b,)}, this device's slice.
+    batch: this device's slice: {'image': uint8 (b, H, W, 3), 'label': (b,),
+      'epoch': int32 (b,), 'position': int32 (b,)} when `augment_config` is given;
+      otherwise {'image': (b, H, W, 3) model input, 'label': (b,)}.
     loss_config: the loss terms.
     learning_rate_fn: step -> base lr, only for logging.
+    augment_config: the training augmentation, done here on the device; None: the
+      images are used as given.
+    seed: config.seed, the root of every image's augmentation key.
+    image_dtype: dtype of the augmented images (the compute dtype).
     axis_name: the pmap axis, or None when called without pmap on one device.
 
   Returns:
-    (new_state, metrics). With a float16 loss scale, a step whose gradients are not
-    finite leaves params, BN statistics and optimizer state unchanged and lowers the
-    scale; metrics['grads_finite'] tells.
+    (new_state, metrics). A step whose gradients (or loss) are not finite, in any
+    precision, leaves params, BN statistics and optimizer state unchanged (with a
+    float16 loss scale it also lowers the scale); metrics['skipped'] is 1.0 then.
   """
+  if augment_config is not None:
+    keys = device_augment.image_keys(seed, batch['epoch'], batch['position'])
+    images = device_augment.augment(batch['image'], keys, augment_config, image_dtype)
+    batch = dict(batch, image=images)
   loss_fn = functools.partial(compute_loss, batch_stats=state.batch_stats,
                               apply_fn=state.apply_fn, batch=batch,
                               loss_config=loss_config, axis_name=axis_name)
@@ -142,57 +170,178 @@ def train_step(state: TrainState, batch: dict, *, loss_config: LossConfig,
     is_finite = None
   if axis_name is not None:
     metrics = jax.lax.pmean(metrics, axis_name)
+  if is_finite is None:
+    # After the pmean every device sees the same gradients, so all agree.
+    is_finite = precision.all_finite(grads) & jnp.isfinite(metrics['loss'])
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats,
                                     dynamic_scale=dynamic_scale)
-  if is_finite is not None:
-    keep_old = functools.partial(jnp.where, is_finite)
-    new_state = new_state.replace(
-        params=jax.tree.map(keep_old, new_state.params, state.params),
-        opt_state=jax.tree.map(keep_old, new_state.opt_state, state.opt_state),
-        batch_stats=jax.tree.map(keep_old, new_state.batch_stats, state.batch_stats))
-    metrics['grads_finite'] = is_finite.astype(jnp.float32)
+  keep_old = functools.partial(jnp.where, is_finite)
+  new_state = new_state.replace(
+      params=jax.tree.map(keep_old, new_state.params, state.params),
+      opt_state=jax.tree.map(keep_old, new_state.opt_state, state.opt_state),
+      batch_stats=jax.tree.map(keep_old, new_state.batch_stats, state.batch_stats))
+  metrics['skipped'] = 1.0 - is_finite.astype(jnp.float32)
+  if dynamic_scale is not None:
     metrics['loss_scale'] = dynamic_scale.scale
   metrics['learning_rate'] = learning_rate_fn(state.step)
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, flip: bool = False) -> jax.Array:
+# Metrics that describe the state rather than the step: the window keeps the last value.
+_LAST_VALUE_METRICS = ('loss_scale', 'learning_rate')
+
+
+def init_metrics_acc(metric_shapes: dict) -> dict:
+  """A zero accumulator for the metrics `train_step` returns.
+
+  Args:
+    metric_shapes: train_step's metrics (arrays or jax.ShapeDtypeStruct, e.g. from
+      `jax.eval_shape`); only the names are used.
+
+  Returns:
+    {'sums': name -> float32 0 (sums over the finite steps of the window),
+     'finite_steps', 'skipped_steps' (in the window), 'consecutive_skipped' (the
+     current streak of skipped steps, kept across windows), 'first_skipped_step'
+     (-1: none; the step number, counted from 1, of the window's first skipped step)
+     and 'first_skipped_metrics' (that step's metrics), 'last' (last values of
+     learning_rate / loss_scale)}.
+  """
+  names = sorted(k for k in metric_shapes if k != 'skipped')
+  # numpy leaves, each its own buffer once on the devices (a donated argument must
+  # not hold the same buffer twice).
+  zeros = lambda keys: {k: np.zeros((), np.float32) for k in keys}  # pylint: disable=unnecessary-lambda-assignment
+  return {
+      'sums': zeros(k for k in names if k not in _LAST_VALUE_METRICS),
+      'last': zeros(k for k in names if k in _LAST_VALUE_METRICS),
+      'finite_steps': np.zeros((), np.int32),
+      'skipped_steps': np.zeros((), np.int32),
+      'consecutive_skipped': np.zeros((), np.int32),
+      'first_skipped_step': np.full((), -1, np.int32),
+      'first_skipped_metrics': zeros(names),
+  }
+
+
+def accumulate_metrics(acc: dict, metrics: dict, step: jax.Array) -> dict:
+  """Adds one step's metrics to the accumulator (pure; runs on the device).
+
+  Args:
+    acc: from `init_metrics_acc` or a previous call.
+    metrics: `train_step`'s metrics (already averaged over devices).
+    step: the state's step before the update (0-based); the step number reported
+      is step + 1.
+
+  Returns:
+    The updated accumulator. A skipped step adds nothing to the sums (a NaN would
+    poison the window), counts in 'skipped_steps' and, when it is the window's
+    first, is recorded with its metrics in 'first_skipped_*'.
+  """
+  skipped = metrics['skipped'] > 0
+  metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items() if k != 'skipped'}
+  sums = {k: acc['sums'][k] + jnp.where(skipped, 0.0, metrics[k]) for k in acc['sums']}
+  first = skipped & (acc['first_skipped_step'] < 0)
+  return {
+      'sums': sums,
+      'last': {k: metrics[k] for k in acc['last']},
+      'finite_steps': acc['finite_steps'] + (~skipped).astype(jnp.int32),
+      'skipped_steps': acc['skipped_steps'] + skipped.astype(jnp.int32),
+      'consecutive_skipped': jnp.where(skipped, acc['consecutive_skipped'] + 1, 0),
+      'first_skipped_step': jnp.where(first, jnp.asarray(step, jnp.int32) + 1,
+                                      acc['first_skipped_step']),
+      'first_skipped_metrics': {
+          k: jnp.where(first, metrics[k], acc['first_skipped_metrics'][k])
+          for k in acc['first_skipped_metrics']},
+  }
+
+
+def reset_window(acc: dict) -> dict:
+  """The accumulator for a new logging window: all zeroed but the streak and last values.
+
+  Args:
+    acc: the accumulator fetched to the host.
+
+  Returns:
+    A new host (numpy) accumulator, each leaf its own array.
+  """
+  zero = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), acc)
+  zero['first_skipped_step'] = np.full((), -1, np.int32)
+  keep = ('consecutive_skipped', 'last')
+  return dict(zero, **{k: jax.tree.map(np.array, acc[k]) for k in keep})
+
+
+def accumulate_step(state: TrainState, acc: dict, batch: dict, **kwargs: Any
+                    ) -> tuple[TrainState, dict]:
+  """`train_step`, then its metrics added to `acc`; what the training loop pmaps.
+
+  Args:
+    state: the train state.
+    acc: the metrics accumulator (identical on every device).
+    batch: this device's slice (see `train_step`).
+    **kwargs: train_step's keyword arguments.
+
+  Returns:
+    (new_state, new_acc).
+  """
+  new_state, metrics = train_step(state, batch, **kwargs)
+  return new_state, accumulate_metrics(acc, metrics, state.step)
+
+
+def eval_step(state: TrainState, batch: dict, *, flip: bool = False,
+              augment_config: Optional[device_augment.AugmentConfig] = None,
+              image_dtype: Any = jnp.float32) -> jax.Array:
   """Test features of one device's share of an evaluation batch.
 
   Args:
     state: the train state.
-    batch: {'image': (b, H, W, 3), ...}.
+    batch: {'image': (b, H, W, 3), ...}: uint8, normalised here with the mean and std
+      of `augment_config`; without `augment_config`, the model input as given.
     flip: average the features of each image and its horizontal mirror (flip test).
+    augment_config: gives pixel_mean and pixel_std.
+    image_dtype: dtype of the normalised images.
 
   Returns:
     float32 features (b, D), chosen by the model's `neck_feat`.
   """
+  images = batch['image']
+  if augment_config is not None:
+    images = device_augment.normalize(images, augment_config.pixel_mean,
+                                      augment_config.pixel_std, image_dtype)
   variables = {'params': model_params(state.params), 'batch_stats': state.batch_stats}
-  feats = state.apply_fn(variables, batch['image'], train=False).astype(jnp.float32)
+  feats = state.apply_fn(variables, images, train=False).astype(jnp.float32)
   if flip:
-    mirrored = state.apply_fn(variables, batch['image'][:, :, ::-1, :], train=False)
+    mirrored = state.apply_fn(variables, images[:, :, ::-1, :], train=False)
     feats = 0.5 * (feats + mirrored.astype(jnp.float32))
   return feats
 
 
 def make_parallel_steps(loss_config: LossConfig, learning_rate_fn: Callable,
-                        flip_test: bool = False) -> tuple[Callable, Callable]:
-  """pmapped train and eval steps over all local devices.
+                        flip_test: bool = False,
+                        augment_config: Optional[device_augment.AugmentConfig] = None,
+                        seed: int = 0, image_dtype: Any = jnp.float32
+                        ) -> tuple[Callable, Callable]:
+  """pmapped train (with metric accumulation) and eval steps over all local devices.
 
   Args:
     loss_config: the loss terms.
     learning_rate_fn: step -> lr, for logging.
     flip_test: whether evaluation averages with the mirrored image.
+    augment_config: device augmentation and normalisation; None: batches carry the
+      model input.
+    seed: config.seed (augmentation keys).
+    image_dtype: the compute dtype images are converted to.
 
   Returns:
-    (p_train_step(state, batch) -> (state, metrics per device),
+    (p_train_step(state, acc, batch) -> (state, acc), with state and acc donated;
      p_eval_step(state, batch) -> features (devices, b, D)).
   """
   p_train = jax.pmap(
-      functools.partial(train_step, loss_config=loss_config,
-                        learning_rate_fn=learning_rate_fn),
-      axis_name=AXIS_NAME, in_axes=(None, 0), out_axes=(None, 0))
-  p_eval = jax.pmap(functools.partial(eval_step, flip=flip_test),
+      functools.partial(accumulate_step, loss_config=loss_config,
+                        learning_rate_fn=learning_rate_fn, augment_config=augment_config,
+                        seed=seed, image_dtype=image_dtype),
+      axis_name=AXIS_NAME, in_axes=(None, None, 0), out_axes=(None, None),
+      donate_argnums=(0, 1))
+  p_eval = jax.pmap(functools.partial(eval_step, flip=flip_test,
+                                      augment_config=augment_config,
+                                      image_dtype=image_dtype),
                     axis_name=AXIS_NAME, in_axes=(None, 0), out_axes=0)
   return p_train, p_eval
 

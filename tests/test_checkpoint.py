@@ -1,15 +1,36 @@
-"""Orbax checkpoints of the TrainState: round trip, keep-last, explicit paths, mismatches."""
+"""Orbax checkpoints of the TrainState: round trip, keep-last, explicit paths, mismatches,
+save policy, markers, killed and failed saves, corrupt checkpoints, best checkpoint."""
 
+import errno
+import glob
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from orbax.checkpoint._src.checkpointers import async_checkpointer
 from flax.training import dynamic_scale as dynamic_scale_lib
 
 from reid_jax import checkpoint as checkpoint_lib
 from reid_jax import train_step as step_lib
+
+# A failed restore or save leaves tensorstore callbacks for a closed asyncio loop;
+# Python reports them as unraisable exceptions during a later test.
+pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 
 
 class _Tiny(nn.Module):
@@ -67,14 +88,18 @@ def test_keeps_only_the_last_checkpoints(tmp_path):
   assert manager.all_steps() == [3, 4]
 
 
-def test_restore_from_explicit_step_folder_and_workdir(tmp_path):
+def test_restore_from_explicit_step_folder_and_workdir(tmp_path, caplog):
   manager = checkpoint_lib.create_manager(str(tmp_path))
   state = _advance(_state(), 1)
   checkpoint_lib.save(manager, state)
   checkpoint_lib.save(manager, _advance(state, 1), wait=True)
   step_dir = tmp_path / 'checkpoints' / '1'
+  caplog.set_level(logging.INFO)
   assert int(checkpoint_lib.restore_from_path(str(step_dir), _state()).step) == 1
   assert int(checkpoint_lib.restore_from_path(str(tmp_path), _state()).step) == 2
+  read_only = checkpoint_lib.create_manager(str(tmp_path), read_only=True)
+  assert int(checkpoint_lib.restore(read_only, _state()).step) == 2
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_missing_checkpoint_path_is_a_clear_error(tmp_path):
@@ -91,3 +116,363 @@ def test_mismatched_checkpoint_names_the_arrays(tmp_path):
                      match=r'params/Dense_0/kernel: checkpoint has shape \(4, 3\), the model '
                            r'expects \(4, 5\)'):
     checkpoint_lib.restore(manager, _state(features=5))
+
+
+# --- Save policy ------------------------------------------------------------------
+
+
+def _saved_steps(policy, times):
+  return [step for step, now in enumerate(times, start=1) if policy.should_save(step, now)]
+
+
+def test_save_policy_by_steps_epochs_and_end():
+  policy = checkpoint_lib.SavePolicy(steps_per_epoch=10, total_steps=45, every_steps=7,
+                                     every_epochs=2)
+  # Multiples of 7, ends of epochs 2 and 4 (steps 20, 40), and the last step.
+  assert _saved_steps(policy, [0.0] * 45) == [7, 14, 20, 21, 28, 35, 40, 42, 45]
+
+
+def test_save_policy_by_minutes_restarts_the_clock_at_each_save():
+  policy = checkpoint_lib.SavePolicy(steps_per_epoch=100, every_minutes=1.0, every_steps=5)
+  policy.start(0.0)
+  # One step every 25 s: 25, 50, 75 (>= 60 s: save), 100, 125 (step 5: saved by
+  # step), 150, 175, 200 (75 s since 125: save), ...
+  times = [25.0 * i for i in range(1, 11)]
+  assert _saved_steps(policy, times) == [3, 5, 8, 10]
+
+
+def test_save_policy_looks_at_the_clock_only_at_check_steps():
+  policy = checkpoint_lib.SavePolicy(steps_per_epoch=100, every_minutes=1.0,
+                                     time_check_every_steps=4)
+  policy.start(0.0)
+  times = [25.0 * i for i in range(1, 13)]  # due at step 3, looked at step 4; 8 is 100 s later
+  assert _saved_steps(policy, times) == [4, 8, 12]
+
+
+def test_save_policy_agree_makes_processes_save_at_the_same_steps():
+  sent = []  # a broadcast of process 0's decisions, read by process 1 in order
+  read = []
+
+  def agree_0(flag):
+    sent.append(bool(flag))
+    return flag
+
+  def agree_1(flag):
+    del flag
+    read.append(sent[len(read)])
+    return read[-1]
+
+  p0 = checkpoint_lib.SavePolicy(steps_per_epoch=100, every_minutes=1.0, agree=agree_0)
+  p1 = checkpoint_lib.SavePolicy(steps_per_epoch=100, every_minutes=1.0, agree=agree_1)
+  p0.start(0.0)
+  p1.start(0.0)
+  saved0, saved1 = [], []
+  for step in range(1, 9):  # process 1's clock is stuck: alone it would never save
+    if p0.should_save(step, 25.0 * step):
+      saved0.append(step)
+    if p1.should_save(step, 0.0):
+      saved1.append(step)
+  assert saved0 == saved1 == [3, 6]
+  assert len(sent) == len(read) == 8  # every process takes part at every clock check
+  alone = checkpoint_lib.SavePolicy(steps_per_epoch=100, every_minutes=1.0)
+  assert _saved_steps(alone, [0.0] * 8) == []
+
+
+def test_save_policy_from_config():
+  config = ml_collections.ConfigDict({'num_epochs': 3, 'checkpoint_every_epochs': 2,
+                                      'checkpoint_every_minutes': 30.0,
+                                      'log_every_steps': 5})
+  policy = checkpoint_lib.SavePolicy.from_config(config, steps_per_epoch=10)
+  assert (policy.total_steps, policy.every_epochs, policy.every_steps, policy.every_minutes,
+          policy.time_check_every_steps) == (30, 2, 0, 30.0, 5)
+  assert _saved_steps(policy, [0.0] * 30) == [20, 30]
+
+
+def test_save_policy_rejects_bad_values():
+  with pytest.raises(ValueError, match='steps_per_epoch'):
+    checkpoint_lib.SavePolicy(steps_per_epoch=0)
+  with pytest.raises(ValueError, match='every_minutes must be >= 0'):
+    checkpoint_lib.SavePolicy(steps_per_epoch=1, every_minutes=-1)
+
+
+# --- Restore messages, markers, legacy checkpoints ----------------------------------
+
+
+def _assert_state_equal(a, b):
+  for x, y in zip(jax.tree.leaves(flax.serialization.to_state_dict(a)),
+                  jax.tree.leaves(flax.serialization.to_state_dict(b)), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_restore_says_what_happened_without_orbax_warnings(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  directory = os.path.join(str(tmp_path), 'checkpoints')
+  checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path)), _state())
+  assert f'No checkpoint in {directory}: starting from step 0.' in caplog.messages
+  checkpoint_lib.save(checkpoint_lib.create_manager(str(tmp_path)), _advance(_state(), 2),
+                      wait=True)
+  caplog.clear()
+  checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path)), _state())
+  assert f'Resuming from step 2 ({directory}/2).' in caplog.messages
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not warnings, warnings  # orbax's "could not be restored" among others
+
+
+def test_checkpoints_of_earlier_versions_still_restore(tmp_path):
+  # What reid_jax wrote before the marker: orbax's default item, no metadata.
+  state = _advance(_state(), 2)
+  legacy = ocp.CheckpointManager(os.path.join(str(tmp_path), 'checkpoints'))
+  legacy.save(2, args=ocp.args.StandardSave(
+      jax.tree.map(np.asarray, flax.serialization.to_state_dict(state))))
+  legacy.wait_until_finished()
+  restored = checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path)), _state(seed=1))
+  _assert_state_equal(restored, state)
+
+
+def test_another_programs_checkpoint_is_not_a_reid_checkpoint(tmp_path):
+  foreign = ocp.CheckpointManager(os.path.join(str(tmp_path), 'checkpoints'))
+  foreign.save(7, args=ocp.args.StandardSave({'model': {'w': np.ones((4, 3))},
+                                               'optimizer': {'mu': np.ones(3)}}))
+  foreign.wait_until_finished()
+  with pytest.raises(checkpoint_lib.NotAReidCheckpointError,
+                     match=r'checkpoints/7 is not a reid_jax checkpoint: it holds '
+                           r"\['model', 'optimizer'\]") as info:
+    checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path)), _state())
+  assert 'differences' not in str(info.value)
+  assert os.path.isdir(tmp_path / 'checkpoints' / '7')  # not moved aside
+
+
+def test_a_foreign_format_marker_is_not_a_reid_checkpoint(tmp_path):
+  foreign = ocp.CheckpointManager(os.path.join(str(tmp_path), 'checkpoints'))
+  foreign.save(1, args=ocp.args.StandardSave(
+      jax.tree.map(np.asarray, flax.serialization.to_state_dict(_state()))),
+               custom_metadata={'format': 'other_program'})
+  foreign.wait_until_finished()
+  with pytest.raises(checkpoint_lib.NotAReidCheckpointError, match="format is 'other_program'"):
+    checkpoint_lib.restore_from_path(str(tmp_path), _state())
+
+
+def test_folders_of_random_files_are_not_reid_checkpoints(tmp_path):
+  (tmp_path / 'notes').mkdir()
+  (tmp_path / 'notes' / 'a.txt').write_text('hello')
+  (tmp_path / '12').mkdir()
+  (tmp_path / '12' / 'b.bin').write_bytes(b'\0' * 10)
+  for path in (tmp_path / 'notes', tmp_path / '12'):
+    with pytest.raises(checkpoint_lib.NotAReidCheckpointError, match='not a reid_jax checkpoint'):
+      checkpoint_lib.restore_from_path(str(path), _state())
+
+
+# --- Faults: killed saves, corrupt checkpoints, failed saves ------------------------
+
+
+@flax.struct.dataclass
+class _Small:
+  params: dict
+  batch_stats: dict
+  opt_state: dict
+  step: Any
+
+
+def _small(step, fill):
+  return _Small(params={'w': np.full((3, 4), fill, np.float32)},
+                batch_stats={'m': np.full((4,), fill + 1, np.float32)},
+                opt_state={'mu': np.full((3, 4), fill + 2, np.float32)},
+                step=np.int32(step))
+
+
+_KILLED_SAVE = r'''
+import os, signal, sys
+import numpy as np
+import flax
+from typing import Any
+from orbax.checkpoint._src.checkpointers import async_checkpointer
+from reid_jax import checkpoint as checkpoint_lib
+
+@flax.struct.dataclass
+class S:
+  params: dict
+  batch_stats: dict
+  opt_state: dict
+  step: Any
+
+def small(step, fill):
+  return S(params={'w': np.full((3, 4), fill, np.float32)},
+           batch_stats={'m': np.full((4,), fill + 1, np.float32)},
+           opt_state={'mu': np.full((3, 4), fill + 2, np.float32)}, step=np.int32(step))
+
+def killed(directory, commit_futures, on_commit_callback, **kwargs):
+  for f in commit_futures:  # the data is written to the temporary folder...
+    f.result()
+  os.kill(os.getpid(), signal.SIGKILL)  # ... and the process dies before the rename
+
+manager = checkpoint_lib.create_manager(sys.argv[1])
+checkpoint_lib.save(manager, small(1, 1.0), wait=True)
+async_checkpointer._background_wait_for_commit_futures = killed
+checkpoint_lib.save(manager, small(2, 2.0), wait=True)
+'''
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path, caplog):
+  proc = subprocess.run([sys.executable, '-c', _KILLED_SAVE, str(tmp_path)],
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  names = sorted(os.listdir(tmp_path / 'checkpoints'))
+  assert names[0] == '1' and names[1].startswith('2.orbax-checkpoint-tmp'), names
+  assert len(names) == 2 and os.listdir(tmp_path / 'checkpoints' / names[1])
+  caplog.set_level(logging.INFO)
+  manager = checkpoint_lib.create_manager(str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']  # leftover removed
+  assert any('Removing unfinished checkpoint writes' in m for m in caplog.messages)
+  restored = checkpoint_lib.restore(manager, _small(0, 0.0))
+  _assert_state_equal(restored, _small(1, 1.0))
+
+
+def _data_files(step_dir):
+  return glob.glob(os.path.join(step_dir, 'default', 'd', '*'))
+
+
+def _delete_data(step_dir):
+  for f in _data_files(step_dir):
+    os.remove(f)
+
+
+def _truncate_data(step_dir):
+  for f in _data_files(step_dir):
+    os.truncate(f, os.path.getsize(f) // 2)
+
+
+def _truncate_tree_metadata(step_dir):
+  path = os.path.join(step_dir, 'default', '_METADATA')
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _unfinished_folder(step_dir):  # a non-atomic filesystem, or a manual copy
+  shutil.rmtree(step_dir)
+  os.makedirs(os.path.join(step_dir, 'default'))
+  with open(os.path.join(step_dir, 'default', 'partial'), 'wb') as f:
+    f.write(b'\0' * 100)
+
+
+@pytest.mark.parametrize('corrupt', [_delete_data, _truncate_data, _truncate_tree_metadata,
+                                     _unfinished_folder])
+def test_a_corrupt_latest_checkpoint_falls_back_and_is_moved_aside(tmp_path, caplog, corrupt):
+  manager = checkpoint_lib.create_manager(str(tmp_path))
+  for step in (1, 2, 3):
+    checkpoint_lib.save(manager, _small(step, float(step)))
+  manager.wait_until_finished()
+  directory = os.path.join(str(tmp_path), 'checkpoints')
+  corrupt(os.path.join(directory, '3'))
+  caplog.set_level(logging.INFO)
+  manager = checkpoint_lib.create_manager(str(tmp_path))
+  restored = checkpoint_lib.restore(manager, _small(0, 0.0))
+  _assert_state_equal(restored, _small(2, 2.0))
+  moved = [n for n in os.listdir(directory) if n.startswith('3.corrupt-')]
+  assert len(moved) == 1 and not os.path.exists(os.path.join(directory, '3'))
+  warning = [r.getMessage() for r in caplog.records
+             if r.levelno == logging.WARNING and r.name != 'absl']  # ours, not orbax's
+  assert len(warning) == 1, warning
+  assert f'{directory}/3 is unreadable' in warning[0]
+  assert f'moved it to {directory}/{moved[0]}' in warning[0]
+  assert f'falling back to step 2 ({directory}/2)' in warning[0]
+  assert manager.all_steps() == [1, 2]
+  # Training passes step 3 again: it is saved again, and is the one restored next.
+  checkpoint_lib.save(manager, _small(3, 30.0), wait=True)
+  restored = checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path)), _small(0, 0.0))
+  _assert_state_equal(restored, _small(3, 30.0))
+
+
+def test_no_readable_checkpoint_starts_from_zero_and_keeps_the_files(tmp_path, caplog):
+  manager = checkpoint_lib.create_manager(str(tmp_path))
+  checkpoint_lib.save(manager, _small(1, 1.0), wait=True)
+  _delete_data(str(tmp_path / 'checkpoints' / '1'))
+  caplog.set_level(logging.INFO)
+  fresh = _small(0, 0.0)
+  assert checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path)), fresh) is fresh
+  assert any('No readable checkpoint in' in m and 'starting from step 0' in m
+             for m in caplog.messages)
+  assert [n for n in os.listdir(tmp_path / 'checkpoints') if n.startswith('1.corrupt-')]
+
+
+def test_explicit_corrupt_step_is_an_error_and_is_left_in_place(tmp_path):
+  manager = checkpoint_lib.create_manager(str(tmp_path))
+  checkpoint_lib.save(manager, _small(1, 1.0), wait=True)
+  step_dir = str(tmp_path / 'checkpoints' / '1')
+  _truncate_data(step_dir)
+  with pytest.raises(checkpoint_lib.CheckpointCorruptError,
+                     match=f'Checkpoint {step_dir} is unreadable: ValueError'):
+    checkpoint_lib.restore_from_path(step_dir, _small(0, 0.0))
+  assert os.listdir(tmp_path / 'checkpoints') == ['1']
+
+
+def _disk_full(directory, commit_futures, on_commit_callback, **kwargs):
+  del on_commit_callback, kwargs
+  for f in commit_futures:
+    f.result()
+  raise OSError(errno.ENOSPC, 'No space left on device', str(directory))
+
+
+def test_a_failed_background_save_is_reported_by_check_errors(tmp_path, monkeypatch):
+  manager = checkpoint_lib.create_manager(str(tmp_path), max_to_keep=1)
+  checkpoint_lib.save(manager, _small(1, 1.0), wait=True)
+  checkpoint_lib.check_errors(manager)  # nothing pending: no error
+  monkeypatch.setattr(async_checkpointer, '_background_wait_for_commit_futures', _disk_full)
+  checkpoint_lib.save(manager, _small(2, 2.0))  # returns at once: the write fails later
+  directory = os.path.join(str(tmp_path), 'checkpoints')
+  deadline = time.monotonic() + 60
+  with pytest.raises(checkpoint_lib.CheckpointSaveError) as info:
+    while time.monotonic() < deadline:
+      checkpoint_lib.check_errors(manager)
+      time.sleep(0.01)
+  message = str(info.value)
+  assert f'Saving checkpoint step 2 in {directory} failed: OSError' in message
+  assert 'No space left on device' in message
+  free, unit = re.search(rf'Filesystem of {directory}: ([\d.]+) (GiB|MiB) free',
+                         message).groups()
+  free_bytes = float(free) * (2**30 if unit == 'GiB' else 2**20)
+  assert abs(free_bytes - shutil.disk_usage(directory).free) < 2**26
+  assert f'step 1 ({directory}/1), is intact' in message
+  # max_to_keep=1 must not have deleted step 1 for the failed step 2.
+  assert manager.all_steps() == [1]
+  monkeypatch.undo()
+  restored = checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path)), _small(0, 0.0))
+  _assert_state_equal(restored, _small(1, 1.0))
+  # Space freed: the next save works and replaces step 1.
+  checkpoint_lib.save(manager, _small(2, 2.0), wait=True)
+  assert sorted(n for n in os.listdir(directory) if n.isdigit()) == ['2']
+
+
+def test_a_failed_save_is_reported_by_a_waiting_save(tmp_path, monkeypatch):
+  manager = checkpoint_lib.create_manager(str(tmp_path))
+  checkpoint_lib.save(manager, _small(1, 1.0), wait=True)
+  monkeypatch.setattr(async_checkpointer, '_background_wait_for_commit_futures', _disk_full)
+  with pytest.raises(checkpoint_lib.CheckpointSaveError, match='No space left on device'):
+    checkpoint_lib.save(manager, _small(2, 2.0), wait=True)
+
+
+# --- Best checkpoint ------------------------------------------------------------------
+
+
+def test_best_checkpoint_keeps_the_highest_map_apart(tmp_path):
+  main = checkpoint_lib.create_manager(str(tmp_path), max_to_keep=1)
+  best = checkpoint_lib.create_best_manager(str(tmp_path))
+  results = [(1, 0.30), (2, 0.50), (3, 0.40), (4, float('nan'))]
+  saved = []
+  for step, m_ap in results:
+    state = _small(step, float(step))
+    checkpoint_lib.save(main, state)
+    saved.append(checkpoint_lib.save_best(best, state, {'mAP': m_ap, 'rank1': 0.9,
+                                                        'cmc': [0.9, 0.95]}))
+    best.wait_until_finished()
+  main.wait_until_finished()
+  assert saved == [True, True, False, False]
+  assert sorted(os.listdir(checkpoint_lib.best_dir(str(tmp_path)))) == ['2']
+  assert main.all_steps() == [4]
+  restored = checkpoint_lib.restore_from_path(checkpoint_lib.best_dir(str(tmp_path)),
+                                              _small(0, 0.0))
+  _assert_state_equal(restored, _small(2, 2.0))
+  reopened = checkpoint_lib.create_best_manager(str(tmp_path))
+  assert reopened.metrics(2) == {'mAP': 0.5, 'rank1': 0.9}
+  assert not checkpoint_lib.save_best(reopened, _small(5, 5.0), {'mAP': 0.45})
+  with pytest.raises(KeyError, match="ranks checkpoints by 'mAP'"):
+    checkpoint_lib.save_best(reopened, _small(6, 6.0), {'rank1': 0.9})

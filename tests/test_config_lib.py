@@ -1,6 +1,7 @@
 """Configs: the published recipes, locking, and start-up validation messages."""
 
 import importlib
+import re
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_multigpu_config_is_its_recipe():
   assert c.optim.base_lr == 1e-4 and c.schedule.gamma == 0.6
   assert tuple(c.schedule.milestones[:4]) == (20, 30, 45, 60)
   v = importlib.import_module('configs.multigpu_veri').get_config()
-  assert tuple(v.input.image_size) == (384, 384) and v.half_precision
+  assert tuple(v.input.image_size) == (384, 384) and v.dtype == 'float16'
 
 
 def test_locked_config_rejects_misspelt_field():
@@ -56,6 +57,16 @@ def test_locked_config_rejects_misspelt_field():
     ('loss.type', 'softmax_tripplet', 1, "config.loss.type='softmax_tripplet'"),
     ('model.neck', 'bn', 1, 'config.model.neck'),
     ('test.batch_size', 6, 4, 'config.test.batch_size=6'),
+    ('optim.base_lr', -0.1, 1, 'config.optim.base_lr=-0.1 must be positive'),
+    ('optim.base_lr', 0.0, 1, 'config.optim.base_lr=0.0 must be positive'),
+    ('input.image_size', (0, 0), 1, 'config.input.image_size=(0, 0) must be (height, width), both positive'),
+    ('input.image_size', (256,), 1, 'must be (height, width)'),
+    ('min_loss_scale', 0.0, 1, 'config.min_loss_scale=0.0 must be positive'),
+    ('max_skipped_steps', 0, 1, 'config.max_skipped_steps=0 must be positive'),
+    ('prefetch_batches', 0, 1, 'config.prefetch_batches=0 must be positive'),
+    ('checkpoint_every_steps', -1, 1, 'config.checkpoint_every_steps=-1 must be 0 (off)'),
+    ('profile_steps', -2, 1, 'config.profile_steps=-2 must be 0 (off)'),
+    ('model.pretrain_choice', 'imagnet', 1, "config.model.pretrain_choice='imagnet'"),
 ])
 def test_validate_names_the_bad_field(field, value, devices, match):
   config = default.get_config()
@@ -64,8 +75,7 @@ def test_validate_names_the_bad_field(field, value, devices, match):
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(config_lib.ConfigError, match=match.replace('.', r'\.').replace(
-      '(', r'\(').replace('*', r'\*')):
+  with pytest.raises(config_lib.ConfigError, match=re.escape(match)):
     config_lib.validate(config, devices)
 
 

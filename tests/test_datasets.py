@@ -9,6 +9,7 @@ import pytest
 
 from input_pipeline import base
 from input_pipeline import catalog
+from input_pipeline import data_source
 from input_pipeline import cuhk03
 from input_pipeline import market
 from input_pipeline import msmt17
@@ -476,7 +477,8 @@ def test_catalog_names_and_unknown_name(tmp_path):
 def make_config(**kwargs):
   config = ml_collections.ConfigDict({
       'dataset': 'market1501', 'data_dir': '', 'test_dataset': '',
-      'test_data_dir': '', 'data_format': 'folder', 'tfds_data_dir': ''})
+      'test_data_dir': '', 'data_format': 'folder', 'tfds_data_dir': '',
+      'verify_images': False})
   config.update(kwargs)
   return config
 
@@ -485,22 +487,24 @@ def test_load_train_test(tmp_path):
   market_root = make_market(tmp_path)
   write_tree(os.path.join(tmp_path, 'Partial_iLIDS'),
              {'Probe': ['001.jpg'], 'Gallery': ['001.jpg', '002.jpg']})
-  train, test = catalog.load_train_test(make_config(data_dir=market_root))
-  assert train is test and train.name == 'market1501'
-  train, test = catalog.load_train_test(make_config(
+  train, test = data_source.load_train_test(make_config(data_dir=market_root))
+  assert train is test and train.dataset.name == 'market1501'
+  assert train.load_train_image is None  # folder data: images read from the paths
+  train, test = data_source.load_train_test(make_config(
       data_dir=market_root, test_dataset='partial_ilids',
       test_data_dir=str(tmp_path)))
+  train, test = train.dataset, test.dataset
   assert train.name == 'market1501' and len(train.train) == 5
   assert test.name == 'partial_ilids' and len(test.gallery) == 2
   with pytest.raises(base.DatasetError, match='needs config.test_data_dir'):
-    catalog.load_train_test(make_config(data_dir=market_root,
-                                        test_dataset='partial_ilids'))
+    data_source.load_train_test(make_config(data_dir=market_root,
+                                            test_dataset='partial_ilids'))
   with pytest.raises(base.DatasetError, match='test-only dataset'):
-    catalog.load_train_test(make_config(dataset='partial_ilids',
-                                        data_dir=str(tmp_path)))
+    data_source.load_train_test(make_config(dataset='partial_ilids',
+                                            data_dir=str(tmp_path)))
   with pytest.raises(base.DatasetError, match='data_format must be one of'):
-    catalog.load_train_test(make_config(data_dir=market_root,
-                                        data_format='lmdb'))
+    data_source.load_train_test(make_config(data_dir=market_root,
+                                            data_format='lmdb'))
   with pytest.raises(base.DatasetError, match='known datasets'):
-    catalog.load_train_test(make_config(data_dir=market_root,
-                                        test_dataset='ilids'))
+    data_source.load_train_test(make_config(data_dir=market_root,
+                                            test_dataset='ilids'))

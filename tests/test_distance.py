@@ -73,3 +73,42 @@ def test_errors():
 def test_empty_query():
   _, g = _features(4)
   assert distance.euclidean_distance(np.zeros((0, 24)), g).shape == (0, 53)
+
+
+@pytest.mark.parametrize('name', distance.DISTANCES)
+def test_distance_matrix(name):
+  q, g = _features(5)
+  expected = (distance.euclidean_distance(q, g) if name == 'euclidean' else
+              distance.cosine_distance(q, g))
+  np.testing.assert_array_equal(distance.distance_matrix(q, g, name), expected)
+  with pytest.raises(ValueError, match="Unknown distance 'l1'"):
+    distance.distance_matrix(q, g, 'l1')
+
+
+def test_distance_matrix_memory_limit():
+  q, g = _features(6)
+  with pytest.raises(distance.MemoryLimitError,
+                     match=r'A dense 37 x 53 euclidean distance matrix would need about '
+                           r'0.00 GiB, more than the limit'):
+    distance.distance_matrix(q, g, max_bytes=4 * 37 * 53 - 1)
+  assert distance.distance_matrix(q, g, max_bytes=4 * 37 * 53).shape == (37, 53)
+  # 11,659 x 1,000,000 float32: 43.4 GiB, refused with the default limit
+  # (the arrays take no memory).
+  big_q = np.broadcast_to(np.float32(0), (11659, 24))
+  big_g = np.broadcast_to(np.float32(0), (1_000_000, 24))
+  with pytest.raises(distance.MemoryLimitError, match=r'would need about 43\.43 GiB.*16\.00 GiB'):
+    distance.distance_matrix(big_q, big_g)
+
+
+@pytest.mark.parametrize('name', distance.DISTANCES)
+def test_distance_tile(name):
+  q, g = _features(7)
+  q64, g64 = q.astype(np.float64), g.astype(np.float64)
+  if name == 'euclidean':
+    expected = ((q64[:, None, :] - g64[None, :, :])**2).sum(-1)
+  else:
+    expected = 1 - (q64 / np.linalg.norm(q64, axis=1, keepdims=True)) @ (
+        g64 / np.linalg.norm(g64, axis=1, keepdims=True)).T
+  got = distance.distance_tile(*distance.prepare_rows(q, name), *distance.prepare_rows(g, name),
+                               name)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)

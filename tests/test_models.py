@@ -23,102 +23,10 @@ tnn = torch.nn
 EPS = 1e-5
 
 
-# --------------------------------------------------------------------------
-# A torchvision-layout ResNet in PyTorch (reference implementation).
-
-
-class TorchBasicBlock(tnn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.relu = tnn.ReLU()
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return self.relu(out + identity)
-
-
-class TorchBottleneck(tnn.Module):
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = tnn.BatchNorm2d(planes * 4)
-    self.relu = tnn.ReLU()
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    return self.relu(out + identity)
-
-
-class TorchResNet(tnn.Module):
-  """torchvision.models.ResNet with `last_stride`, a width option and no fc."""
-
-  def __init__(self, block, layers, last_stride=1, width=64):
-    super().__init__()
-    self.inplanes = width
-    self.conv1 = tnn.Conv2d(3, width, 7, 2, 3, bias=False)
-    self.bn1 = tnn.BatchNorm2d(width)
-    self.relu = tnn.ReLU()
-    self.maxpool = tnn.MaxPool2d(3, 2, 1)
-    strides = (1, 2, 2, last_stride)
-    for i, (n, s) in enumerate(zip(layers, strides)):
-      setattr(self, f'layer{i + 1}', self._make_layer(block, width * 2**i, n, s))
-
-  def _make_layer(self, block, planes, blocks, stride):
-    downsample = None
-    if stride != 1 or self.inplanes != planes * block.expansion:
-      downsample = tnn.Sequential(
-          tnn.Conv2d(self.inplanes, planes * block.expansion, 1, stride,
-                     bias=False),
-          tnn.BatchNorm2d(planes * block.expansion))
-    layers = [block(self.inplanes, planes, stride, downsample)]
-    self.inplanes = planes * block.expansion
-    layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-    return tnn.Sequential(*layers)
-
-  def forward(self, x):
-    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-    return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
-def make_torch_resnet(block, layers, last_stride, width, seed):
-  """Random weights plus random BN affine parameters and running statistics."""
-  torch.manual_seed(seed)
-  net = TorchResNet(block, layers, last_stride, width)
-  gen = torch.Generator().manual_seed(seed + 1)
-  with torch.no_grad():
-    for m in net.modules():
-      if isinstance(m, tnn.Conv2d):
-        tnn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-      elif isinstance(m, tnn.BatchNorm2d):
-        c = m.num_features
-        m.weight.copy_(0.5 + torch.rand(c, generator=gen))
-        m.bias.copy_(0.2 * torch.randn(c, generator=gen))
-        m.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
-        m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-  return net
-
-
-def state_dict_numpy(net):
-  return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+# The PyTorch reference ResNet (torchvision layout) lives in torch_reference.py,
+# shared with test_convert; imported after the importorskip above.
+from torch_reference import (  # pylint: disable=g-import-not-at-top,g-bad-import-order
+    TorchBasicBlock, TorchBottleneck, make_torch_resnet, state_dict_numpy)
 
 
 def assert_close(actual, expected, rtol=1e-4):

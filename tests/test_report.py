@@ -84,6 +84,29 @@ def test_worst_queries_from_ranked_indices(images, tmp_path):
       Image.open(tmp_path / 'b.png'))).all()
 
 
+@pytest.mark.parametrize('dist', ['euclidean', 'cosine'])
+def test_worst_queries_from_features(images, tmp_path, dist):
+  from eval import distance, metrics  # pylint: disable=g-import-not-at-top
+  q_paths, g_paths = images
+  _, *labels = _problem()
+  rng = np.random.default_rng(1)
+  q_feats = rng.integers(-3, 4, (5, 6)).astype(np.float32)
+  g_feats = rng.integers(-3, 4, (12, 6)).astype(np.float32)
+  distmat = distance.distance_matrix(q_feats, g_feats, dist)
+  a = report.save_worst_queries_png(str(tmp_path / 'a.png'), q_paths, g_paths, distmat, *labels,
+                                    num_queries=3, top_k=4)
+  ranking = metrics.rank_features(q_feats, g_feats, *labels, dist, 10, block_size=2,
+                                  gallery_block=5)
+  b = report.save_worst_queries_from_features(str(tmp_path / 'b.png'), q_paths, g_paths,
+                                              q_feats, g_feats, *labels, ranking, dist,
+                                              num_queries=3, top_k=4)
+  np.testing.assert_array_equal(a.query, b.query)
+  np.testing.assert_allclose(a.ap, b.ap, rtol=0, atol=1e-12)
+  np.testing.assert_array_equal(a.gallery, b.gallery)
+  assert (np.asarray(Image.open(tmp_path / 'a.png')) == np.asarray(
+      Image.open(tmp_path / 'b.png'))).all()
+
+
 def test_missing_image_is_grey(images, tmp_path):
   q_paths, g_paths = images
   distmat, *labels = _problem()

@@ -3,18 +3,24 @@
 import numpy as np
 import pytest
 
+from eval import distance
 from eval import rerank
 
 
-def reference_re_ranking(prob_fea, gal_fea, k1, k2, lambda_value):
+def reference_re_ranking(prob_fea, gal_fea, k1, k2, lambda_value, metric='euclidean'):
   """The numpy re_ranking(probFea, galFea, k1, k2, lambda_value) of the PyTorch
   re-ID baselines (BoT utils/re_ranking.py), loop by loop, dense N x N, with the
-  float32 V of torchreid's copy instead of BoT's float16."""
+  float32 V of torchreid's copy instead of BoT's float16. metric='cosine' uses
+  the cosine distance 1 - cos as the original distance."""
   query_num = prob_fea.shape[0]
   feat = np.concatenate([prob_fea, gal_fea]).astype(np.float32)
   all_num = feat.shape[0]
-  sq = np.sum(feat ** 2, axis=1, keepdims=True)
-  original_dist = sq + sq.T - 2 * feat @ feat.T
+  if metric == 'cosine':
+    unit = feat / np.linalg.norm(feat, axis=1, keepdims=True)
+    original_dist = 1.0 - unit @ unit.T
+  else:
+    sq = np.sum(feat ** 2, axis=1, keepdims=True)
+    original_dist = sq + sq.T - 2 * feat @ feat.T
   gallery_num = original_dist.shape[0]
   original_dist = np.transpose(original_dist / np.max(original_dist, axis=0))
   V = np.zeros_like(original_dist).astype(np.float32)
@@ -142,3 +148,37 @@ def test_errors():
     rerank.re_ranking(q, g, block_size=0)
   with pytest.raises(ValueError, match='max_pairs must be >= 1'):
     rerank.re_ranking(q, g, max_pairs=0)
+  with pytest.raises(ValueError, match='Unknown distance'):
+    rerank.re_ranking(q, g, distance='hamming')
+
+
+@pytest.mark.parametrize('k1, k2, lambda_value', [(20, 6, 0.3), (7, 1, 0.5)])
+def test_cosine_matches_reference(k1, k2, lambda_value):
+  feats = clustered_features(4, 200, dim=24)
+  feats *= np.random.default_rng(5).uniform(0.2, 5.0, (200, 1)).astype(np.float32)
+  q, g = feats[:45], feats[45:]
+  expected = reference_re_ranking(q, g, k1, k2, lambda_value, metric='cosine')
+  got = rerank.re_ranking(q, g, k1, k2, lambda_value, distance='cosine', block_size=64)
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+  # Not the Euclidean re-ranking: the features have very different norms.
+  euclid = reference_re_ranking(q, g, k1, k2, lambda_value)
+  assert np.abs(euclid - expected).max() > 0.05
+
+
+def test_memory_limit():
+  q = np.zeros((3, 4), np.float32)
+  g = np.ones((5, 4), np.float32)
+  needed = rerank.memory_bytes(3, 5, 4)
+  with pytest.raises(distance.MemoryLimitError,
+                     match=r'Re-ranking 3 queries against 5 gallery images would need about '
+                           r'[0-9.]+ GiB, more than the limit of 0.00 GiB'):
+    rerank.re_ranking(q, g, max_bytes=needed - 1)
+  assert rerank.re_ranking(q, g, max_bytes=needed).shape == (3, 5)
+  # A million-image gallery is refused with the default limit, before any work
+  # (the arrays below take no memory).
+  big_q = np.broadcast_to(np.float32(0), (11659, 2048))
+  big_g = np.broadcast_to(np.float32(0), (1_000_000, 2048))
+  with pytest.raises(distance.MemoryLimitError, match='would need about 6[0-9.]+ GiB'):
+    rerank.re_ranking(big_q, big_g)
+  # MSMT17 size fits the default limit.
+  assert rerank.memory_bytes(11659, 82161, 2048) < distance.DEFAULT_MAX_DENSE_BYTES

@@ -10,6 +10,7 @@ import pytest
 
 from input_pipeline import base
 from input_pipeline import catalog
+from input_pipeline import data_source
 from input_pipeline import market
 from input_pipeline import tfds_builders
 
@@ -113,9 +114,22 @@ def test_load_train_test_tfds(prepared):
       'dataset': 'market1501', 'data_dir': prepared['root'],
       'test_dataset': 'partial_ilids', 'test_data_dir': str(ilids),
       'data_format': 'tfds', 'tfds_data_dir': prepared['data_dir']})
-  train, test = catalog.load_train_test(config)
+  config.verify_images = False
+  train_source, test_source = data_source.load_train_test(config)
+  train, test = train_source.dataset, test_source.dataset
   assert train == market.read_market1501(prepared['root'], verify=True)
   assert test == catalog.load_dataset('partial_ilids', str(ilids))
+  # The images come from the shards, decoded in memory: equal to the files' bytes.
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for i in (0, len(train.train) - 1):
+    from_shards = train_source.load_train_image(tf.constant(''), tf.constant(i, tf.int64))
+    from_file = pipeline.decode_image(tf.io.read_file(train.train[i].path))
+    np.testing.assert_array_equal(from_shards.numpy(), from_file.numpy())
+  gallery_0 = len(test.query)
+  from_shards = test_source.load_test_image(tf.constant(''), tf.constant(gallery_0, tf.int64))
+  from_file = pipeline.decode_image(tf.io.read_file(test.gallery[0].path))
+  np.testing.assert_array_equal(from_shards.numpy(), from_file.numpy())
   assert test.train == ()  # test-only: no train split was written
   builder = tfds_builders.get_builder('partial_ilids', prepared['data_dir'])
   assert set(builder.info.splits) == {'query', 'gallery'}

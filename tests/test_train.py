@@ -94,9 +94,9 @@ def test_training_writes_checkpoints_results_reports_and_events(trained):
 def test_reported_map_equals_plain_model_apply_and_numpy_map(trained, data_dir):
   """Features by model.apply on PIL-loaded images (no tf.data) and a numpy mAP loop."""
   config, workdir, results = trained
-  s = train.setup(config)
-  state = checkpoint_lib.restore(checkpoint_lib.create_manager(workdir), s.state)
-  model = s.state.apply_fn
+  exp = train.build_experiment(config)
+  state = checkpoint_lib.restore(checkpoint_lib.create_manager(workdir), exp.state)
+  model = exp.state.apply_fn
 
   def embed(records):
     mean, std = np.array(config.input.pixel_mean), np.array(config.input.pixel_std)
@@ -107,7 +107,7 @@ def test_reported_map_equals_plain_model_apply_and_numpy_map(trained, data_dir):
     feats = np.asarray(model(variables, images, train=False))
     return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
-  q, g = s.test_set.query, s.test_set.gallery
+  q, g = exp.test_source.dataset.query, exp.test_source.dataset.gallery
   qf, gf = embed(q), embed(g)
   distmat = (qf ** 2).sum(1)[:, None] + (gf ** 2).sum(1)[None] - 2 * qf @ gf.T
   expected = _numpy_market_map(distmat, np.array([r.pid for r in q]),
@@ -142,24 +142,125 @@ def test_eval_only_without_checkpoint_is_a_clear_error(data_dir, tmp_path):
     train.evaluate_checkpoint(tiny_config(data_dir), str(tmp_path))
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(data_dir, tmp_path,
-                                                                 monkeypatch):
-  original = pipeline.create_train_dataset
+def _poison_step(monkeypatch, epoch, position=0):
+  """Makes the loss of the step holding (epoch, position) NaN, inside the pmapped step."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from reid_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
+  original = step_lib.compute_loss
 
-  def poisoned(records, config, *, epoch, **kwargs):
-    ds = original(records, config, epoch=epoch, **kwargs)
-    if epoch == 1:
-      ds = ds.map(lambda b: {**b, 'image': b['image'] * float('nan')})
-    return ds
+  def poisoned(params, batch_stats, apply_fn, batch, loss_config, axis_name):
+    loss, (stats, metrics) = original(params, batch_stats, apply_fn, batch, loss_config,
+                                      axis_name)
+    hit = jnp.any((batch['epoch'] == epoch) & (batch['position'] == position))
+    if axis_name is not None:
+      hit = jax.lax.pmax(hit.astype(jnp.int32), axis_name) > 0
+    loss = loss * jnp.where(hit, jnp.nan, 1.0)  # NaN gradients too
+    return loss, (stats, dict(metrics, loss=loss))
 
-  monkeypatch.setattr(pipeline, 'create_train_dataset', poisoned)
-  config = tiny_config(data_dir, checkpoint_every_epochs=10, eval_every_epochs=10)
-  with pytest.raises(train.NonFiniteLossError, match=r'at step 3: .*ce_loss=nan'):
+  monkeypatch.setattr(step_lib, 'compute_loss', poisoned)
+
+
+def test_float32_nonfinite_step_is_skipped_and_stops_the_run_at_the_next_log(
+    data_dir, tmp_path, monkeypatch):
+  _poison_step(monkeypatch, epoch=1)  # the first step of epoch 1: step 3
+  config = tiny_config(data_dir, checkpoint_every_epochs=10, eval_every_epochs=10,
+                       log_every_steps=2, num_epochs=3)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'at step 3 \(.*loss=nan.*\).*step counter 4'):
     train.train_and_evaluate(config, str(tmp_path))
   manager = checkpoint_lib.create_manager(str(tmp_path))
-  assert manager.all_steps() == [2]
-  restored = checkpoint_lib.restore(manager, train.setup(config).state)
+  # Stopped at the log step after the bad one (4), saving the state, whose params are
+  # still those of step 2 (the bad update was never applied).
+  assert manager.all_steps() == [4]
+  exp = train.build_experiment(config)
+  restored = checkpoint_lib.restore(manager, exp.state)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+
+
+class _RecordingWriter:
+  """Stands in for clu's metric writer: keeps what the loop logs, step by step."""
+
+  def __init__(self):
+    self.scalars: dict[int, dict] = {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars.setdefault(step, {}).update(scalars)
+
+  def flush(self):
+    pass
+
+
+def test_float16_nonfinite_step_halves_the_scale_and_training_goes_on(
+    data_dir, tmp_path, monkeypatch):
+  _poison_step(monkeypatch, epoch=2)  # step 5, after the scale settled
+  writer = _RecordingWriter()
+  monkeypatch.setattr(train.metric_writers, 'create_default_writer',
+                      lambda *a, **k: writer)
+  config = tiny_config(data_dir, dtype='float16', checkpoint_every_epochs=10,
+                       eval_every_epochs=10, num_epochs=3)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= results['mAP'] <= 1.0
+  logged = writer.scalars
+  assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+  # (The first steps may be skipped while the scale falls from 2**16 to a value
+  # whose gradients fit in float16.) Step 4 was applied, step 5 skipped: the scale
+  # halved and training went on.
+  assert logged[4]['skipped_steps'] == 0 and np.isfinite(logged[4]['loss'])
+  assert logged[5]['skipped_steps'] == 1 and 'loss' not in logged[5]
+  assert logged[5]['loss_scale'] == logged[4]['loss_scale'] / 2
+  assert logged[6]['skipped_steps'] == 0 and np.isfinite(logged[6]['loss'])
+  manager = checkpoint_lib.create_manager(str(tmp_path))
+  assert manager.all_steps() == [6]
+  exp = train.build_experiment(config)
+  restored = checkpoint_lib.restore(manager, exp.state)
+  assert float(restored.dynamic_scale.scale) == logged[6]['loss_scale']
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+
+
+def test_sigterm_mid_epoch_saves_and_the_rerun_ends_equal_to_an_uninterrupted_run(
+    data_dir, tmp_path, monkeypatch):
+  import signal  # pylint: disable=g-import-not-at-top
+  from reid_jax import preemption  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data_dir, steps_per_epoch=3, checkpoint_every_epochs=10,
+                       eval_every_epochs=10, log_every_steps=5)
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  original = pipeline.create_train_stream
+  decoded = []
+
+  def recording_stream(*args, **kwargs):
+    start = kwargs['start_step']
+    for i, batch in enumerate(original(*args, **kwargs)):
+      decoded.append((start + i, batch['index'].copy()))
+      yield batch
+
+  monkeypatch.setattr(pipeline, 'create_train_stream', recording_stream)
+  check_errors = checkpoint_lib.check_errors
+  steps_seen = []
+
+  def check_errors_then_sigterm(manager):  # called by the loop after every step
+    steps_seen.append(1)
+    if len(steps_seen) == 4:  # after step 4: inside epoch 2 (steps 4-6)
+      os.kill(os.getpid(), signal.SIGTERM)
+    check_errors(manager)
+
+  monkeypatch.setattr(checkpoint_lib, 'check_errors', check_errors_then_sigterm)
+  workdir = str(tmp_path / 'stopped')
+  with pytest.raises(preemption.PreemptedError, match='SIGTERM after step 4.*Rerun'):
+    train.train_and_evaluate(config, workdir)
+  manager = checkpoint_lib.create_manager(workdir)
+  stopped_at = manager.latest_step()
+  assert stopped_at == 4
+  decoded.clear()
+  train.train_and_evaluate(config, workdir)
+  # The resumed stream started at the first unseen batch.
+  assert [step for step, _ in decoded] == [4, 5]
+  exp = train.build_experiment(config)
+  a = checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path / 'straight')),
+                             exp.state)
+  b = checkpoint_lib.restore(checkpoint_lib.create_manager(workdir), exp.state)
+  assert int(a.step) == int(b.step) == 6
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
 def test_training_reads_tfds_records_without_the_image_folder(data_dir, tmp_path):
@@ -172,15 +273,10 @@ def test_training_reads_tfds_records_without_the_image_folder(data_dir, tmp_path
   tfds_builders.prepare('market1501', str(folder), tfds_dir)
   config = tiny_config(str(folder), data_format='tfds', tfds_data_dir=tfds_dir,
                        num_epochs=1, eval_every_epochs=1)
-  s = train.setup(config)  # reads the records (relative to the folder) from TFDS
+  exp = train.build_experiment(config)  # reads records and images from TFDS
   shutil.rmtree(folder)
-  assert s.train_loader is not None and s.test_loader is not None
-  state, _ = s.p_train_step(s.state, next(pipeline.create_train_dataset(
-      s.train_set.train, config, epoch=0, num_local_devices=jax.local_device_count(),
-      dtype=s.dtype, load_image=s.train_loader).as_numpy_iterator()))
-  results = train.evaluate_lib.run_evaluation(
-      s.p_eval_step, state, s.test_set, config, str(tmp_path / 'wd'), s.dtype,
-      load_image=s.test_loader)
+  assert exp.train_source.load_train_image is not None
+  results = train.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert 0.0 <= results['mAP'] <= 1.0
   assert not (tmp_path / 'wd' / 'worst_queries.png').exists()
 

@@ -19,9 +19,12 @@ P, K = 4, 4  # one identity per device
 NUM_CLASSES = 6
 
 
-def _config(loss_type='softmax_triplet_center', dtype=''):
+def _config(loss_type='softmax_triplet_center', dtype='', tiny=False):
   config = default.get_config()
   config.model.name = 'resnet18'
+  if tiny:  # one block per stage, width 8: for tests of the step's bookkeeping
+    config.model.stage_sizes = (1, 1, 1, 1)
+    config.model.width = 8
   config.loss.type = loss_type
   config.batch_size = P * K
   config.num_instances = K
@@ -142,21 +145,108 @@ def test_few_steps_lower_the_loss():
   assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_float16_nonfinite_gradients_skip_step_and_halve_scale():
-  config = _config('softmax', dtype='float16')
-  state = _state(config, dtype=jnp.float16)
-  assert state.dynamic_scale is not None
+@pytest.mark.parametrize('dtype', ['float32', 'float16'])
+def test_nonfinite_gradients_skip_the_step_on_device(dtype):
+  """In every precision a non-finite step keeps params, BN stats and optimizer state."""
+  config = _config('softmax', dtype=dtype, tiny=True)
+  state = _state(config, dtype=jnp.dtype(dtype))
+  if dtype == 'float16':  # a scale whose finite gradients fit in float16 from the start
+    state = state.replace(dynamic_scale=precision.create_dynamic_scale(
+        jnp.float16, initial_scale=2.0 ** 8))
+  assert (state.dynamic_scale is not None) == (dtype == 'float16')
   p_train, _ = _steps(config, jax.devices()[:1])
   batch = _batch(2)
   batch['image'][0, 0, 0, 0] = np.inf
   new_state, metrics = p_train(state, _shard(batch, 1))
-  assert float(metrics['grads_finite'][0]) == 0.0
-  assert float(new_state.dynamic_scale.scale) == float(state.dynamic_scale.scale) / 2
-  _assert_trees_close(jax.device_get(new_state.params), jax.device_get(state.params),
-                      rtol=0, atol=0)
-  _assert_trees_close(jax.device_get(new_state.batch_stats),
-                      jax.device_get(state.batch_stats), rtol=0, atol=0)
+  assert float(metrics['skipped'][0]) == 1.0
+  assert int(new_state.step) == int(state.step) + 1  # the counter still advances
+  for name in ('params', 'batch_stats', 'opt_state'):
+    _assert_trees_close(jax.device_get(getattr(new_state, name)),
+                        jax.device_get(getattr(state, name)), rtol=0, atol=0)
+  if dtype == 'float16':
+    assert float(new_state.dynamic_scale.scale) == float(state.dynamic_scale.scale) / 2
   # A finite batch afterwards is applied.
   newer_state, metrics = p_train(new_state, _shard(_batch(2), 1))
-  assert float(metrics['grads_finite'][0]) == 1.0
+  assert float(metrics['skipped'][0]) == 0.0
   assert int(newer_state.step) == int(new_state.step) + 1
+  moved = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a) - np.asarray(b))),
+                       jax.device_get(newer_state.params), jax.device_get(state.params))
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def _reference_window(steps):
+  """The accumulator's contract as a plain loop over (step, metrics) pairs."""
+  sums, finite, skipped, streak, first, first_metrics = {}, 0, 0, 0, -1, None
+  for step, m in steps:
+    if m['skipped']:
+      skipped += 1
+      streak += 1
+      if first < 0:
+        first, first_metrics = step + 1, m
+    else:
+      finite += 1
+      streak = 0
+      for k, v in m.items():
+        if k not in ('skipped', 'learning_rate'):
+          sums[k] = sums.get(k, 0.0) + v
+  return sums, finite, skipped, streak, first, first_metrics
+
+
+def _accumulate(steps):
+  acc = step_lib.init_metrics_acc(steps[0][1])
+  accumulate = jax.jit(step_lib.accumulate_metrics)
+  for step, m in steps:
+    acc = accumulate(acc, {k: jnp.float32(v) for k, v in m.items()}, jnp.int32(step))
+  return jax.device_get(acc)
+
+
+def test_metrics_accumulator_equals_a_plain_loop():
+  rng = np.random.default_rng(0)
+  steps = []
+  for step in range(9):
+    bad = step in (3, 4, 7)
+    loss = float('nan') if bad else float(rng.uniform(1, 2))
+    steps.append((step, {'loss': loss, 'accuracy': float(rng.uniform()),
+                         'learning_rate': 0.1 * step, 'skipped': float(bad)}))
+  acc = _accumulate(steps)
+  sums, finite, skipped, streak, first, first_metrics = _reference_window(steps)
+  assert int(acc['finite_steps']) == finite == 6 and int(acc['skipped_steps']) == skipped
+  for k, v in sums.items():
+    np.testing.assert_allclose(acc['sums'][k], v, rtol=1e-6)
+  assert int(acc['consecutive_skipped']) == streak == 0  # step 8 was finite
+  # The window's first skipped step is named with its loss terms, even after a
+  # finite step followed it.
+  assert int(acc['first_skipped_step']) == first == 4
+  assert np.isnan(acc['first_skipped_metrics']['loss'])
+  assert float(acc['first_skipped_metrics']['accuracy']) == pytest.approx(
+      first_metrics['accuracy'])
+  assert float(acc['last']['learning_rate']) == pytest.approx(0.8)
+  # A window ending inside a streak: the next window keeps the streak, not the rest.
+  acc2 = _accumulate(steps[:5])
+  _, _, _, streak, _, _ = _reference_window(steps[:5])
+  acc2 = step_lib.reset_window(acc2)
+  assert int(acc2['consecutive_skipped']) == streak == 2
+  assert int(acc2['first_skipped_step']) == -1
+  assert int(acc2['finite_steps']) == 0 and float(acc2['sums']['loss']) == 0.0
+  assert float(acc2['last']['learning_rate']) == pytest.approx(0.4)
+
+
+def test_parallel_train_step_donates_state_and_accumulator():
+  config = _config('softmax_triplet', tiny=True)
+  state = _state(config)
+  p_train, _ = step_lib.make_parallel_steps(
+      step_lib.LossConfig.from_config(config), optim.create_lr_schedule(config, 10))
+  batch = _shard(_batch(3), NUM_DEVICES)
+  step = functools.partial(step_lib.train_step,
+                           loss_config=step_lib.LossConfig.from_config(config),
+                           learning_rate_fn=optim.create_lr_schedule(config, 10))
+  metric_shapes = jax.eval_shape(
+      jax.vmap(step, in_axes=(None, 0), axis_name=step_lib.AXIS_NAME), state, batch)[1]
+  acc = step_lib.init_metrics_acc(metric_shapes)
+  sharding = step_lib.replicated_sharding()
+  state, acc = jax.device_put((state, acc), sharding)
+  old_leaf = jax.tree.leaves(state.params)[0]
+  old_acc = acc['finite_steps']
+  new_state, new_acc = p_train(state, acc, batch)
+  assert old_leaf.is_deleted() and old_acc.is_deleted()
+  assert int(new_acc['finite_steps']) == 1 and int(new_state.step) == 1
