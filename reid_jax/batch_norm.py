@@ -1,11 +1,6 @@
 """Batch normalisation whose cross-device statistics cost one collective per layer.
 
-Status: NOT USED by the models yet (`reid_jax.backbones.layers.batch_norm` builds
-flax's two-pass BatchNorm). Layer-level tests pass (tests/test_batch_norm.py), but
-in a whole ResNet-18 train step under pmap on 4 CPU devices the updated params
-differ from a single-device run by up to 3.6e-5 (conv1 kernel), against 1.3e-7 with
-flax's two-pass pmean form; the cause is not found yet (an all-reduce of the moments
-placed in per-device rows, instead of the all-gather, gives the same figure).
+Used by every BN of the models (`reid_jax.backbones.layers.batch_norm`).
 
 `BatchNorm` is a drop-in for the `flax.linen.BatchNorm(use_fast_variance=False,
 axis_name=...)` that the backbones build (`reid_jax.backbones.layers.batch_norm`,

@@ -77,7 +77,11 @@ def runs():
   config.optim.name = 'sgd'
   config.optim.base_lr = 0.1
   state = _state(config)
-  batch = _batch()
+  # Float32 rounding noise (~3e-6 in layer 4) can flip a ReLU whose float64
+  # pre-activation is nearer zero than that, in either BN form, and move that layer's
+  # gradients by a few percent; batch 1 has no pre-activation that close in the forms
+  # tested (flax's two-pass pmean and the one-collective BN).
+  batch = _batch(1)
   out = {}
   for n in (1, NUM_DEVICES):
     p_train, p_eval = _steps(config, jax.devices()[:n])
