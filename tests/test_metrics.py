@@ -7,39 +7,13 @@ import numpy as np
 import pytest
 
 from eval import metrics
+import eval_reference
 
 
 def reference_market(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
-  """torchreid's eval_market1501 loop (stable sort) plus AGW's mINP.
-
-  Queries with fewer kept gallery entries than max_rank get their CMC extended
-  with its last value (1), where torchreid would build a ragged array.
-  """
-  num_q, num_g = distmat.shape
-  max_rank = min(max_rank, num_g)
-  indices = np.argsort(distmat, axis=1, kind='stable')
-  matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
-  all_cmc, all_ap, all_inp = [], [], []
-  for q_idx in range(num_q):
-    order = indices[q_idx]
-    remove = (g_pids[order] == q_pids[q_idx]) & (g_camids[order] == q_camids[q_idx])
-    raw_cmc = matches[q_idx][~remove]
-    if not np.any(raw_cmc):
-      continue
-    cmc = raw_cmc.cumsum()
-    max_pos_idx = np.max(np.where(raw_cmc == 1))
-    all_inp.append(cmc[max_pos_idx] / (max_pos_idx + 1.0))
-    cmc[cmc > 1] = 1
-    padded = np.ones(max_rank)
-    padded[:min(max_rank, len(cmc))] = cmc[:max_rank]
-    all_cmc.append(padded)
-    num_rel = raw_cmc.sum()
-    tmp_cmc = raw_cmc.cumsum()
-    tmp_cmc = np.asarray([x / (i + 1.0) for i, x in enumerate(tmp_cmc)]) * raw_cmc
-    all_ap.append(tmp_cmc.sum() / num_rel)
-  assert all_ap, 'test data must have a valid query'
-  return (np.asarray(all_cmc, np.float32).sum(0) / len(all_ap), np.mean(all_ap),
-          np.mean(all_inp))
+  """(cmc, mAP, mINP) of the shared numpy reference (tests/eval_reference.py)."""
+  return eval_reference.reference_market(distmat, q_pids, g_pids, q_camids, g_camids,
+                                         max_rank)[:3]
 
 
 def reference_cuhk03_cmc(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, queries,

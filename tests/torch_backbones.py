@@ -15,6 +15,8 @@ from collections import OrderedDict
 
 import torch
 
+from torch_reference import TorchBottleneck
+
 tnn = torch.nn
 
 
@@ -32,26 +34,13 @@ class TorchIBN(tnn.Module):
     return torch.cat([self.IN(first.contiguous()), self.BN(rest.contiguous())], dim=1)
 
 
-class TorchBottleneckIBN(tnn.Module):
-  expansion = 4
+class TorchBottleneckIBN(TorchBottleneck):
+  """torchvision's Bottleneck whose bn1 is an IBN layer when `ibn` (IBN-a)."""
 
   def __init__(self, inplanes, planes, ibn, stride=1, downsample=None):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = TorchIBN(planes) if ibn else tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = tnn.BatchNorm2d(planes * 4)
-    self.relu = tnn.ReLU()
-    self.downsample = downsample
-
-  def forward(self, x):
-    identity = x if self.downsample is None else self.downsample(x)
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    return self.relu(out + identity)
+    super().__init__(inplanes, planes, stride, downsample)
+    if ibn:
+      self.bn1 = TorchIBN(planes)
 
 
 class TorchResNetIBNa(tnn.Module):
