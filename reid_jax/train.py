@@ -54,6 +54,8 @@ class Experiment:
   dtype: Any
   steps_per_epoch: int
   learning_rate_fn: Any
+  # The keyword arguments `p_train_step` binds to `train_step.train_step`.
+  train_step_kwargs: dict
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -86,15 +88,18 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   if config.model.pretrained:
     state = load_pretrained_into_state(config.model.pretrained,
                                        config.model.pretrain_choice, state)
-  p_train_step, p_eval_step = step_lib.make_parallel_steps(
-      step_lib.LossConfig.from_config(config), learning_rate_fn, flip_test=config.test.flip,
+  train_step_kwargs = dict(
+      loss_config=step_lib.LossConfig.from_config(config),
+      learning_rate_fn=learning_rate_fn,
       augment_config=device_augment.AugmentConfig.from_config(config.input),
       seed=config.seed, image_dtype=dtype)
+  p_train_step, p_eval_step = step_lib.make_parallel_steps(
+      flip_test=config.test.flip, **train_step_kwargs)
   logging.info('Training %s on %s: %d identities, %d images, %d steps per epoch, '
                '%d devices.', config.model.name, train_set.name, num_classes,
                len(train_set.train), steps_per_epoch, num_devices)
   return Experiment(train_source, test_source, state, p_train_step, p_eval_step, dtype,
-                    steps_per_epoch, learning_rate_fn)
+                    steps_per_epoch, learning_rate_fn, train_step_kwargs)
 
 
 def load_pretrained_into_state(path: str, choice: str, state: step_lib.TrainState
@@ -135,11 +140,7 @@ def _initial_metrics_acc(exp: Experiment, state: step_lib.TrainState,
   batch = {'image': jax.ShapeDtypeStruct((1, per_device, height, width, 3), np.uint8),
            **{k: jax.ShapeDtypeStruct((1, per_device), np.int32)
               for k in ('label', 'epoch', 'position')}}
-  step = functools.partial(
-      step_lib.train_step, loss_config=step_lib.LossConfig.from_config(config),
-      learning_rate_fn=exp.learning_rate_fn,
-      augment_config=device_augment.AugmentConfig.from_config(config.input),
-      seed=config.seed, image_dtype=exp.dtype)
+  step = functools.partial(step_lib.train_step, **exp.train_step_kwargs)
   # vmap over one "device" binds the axis name of the collectives, as pmap does.
   _, metric_shapes = jax.eval_shape(
       jax.vmap(step, in_axes=(None, 0), axis_name=step_lib.AXIS_NAME), state, batch)
