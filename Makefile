@@ -28,5 +28,12 @@ demo: $(STAMP) $(SYNTH)/.complete
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS) tests
 
+# Smoke runs of the speed benchmarks (--quick: minutes in all, not the figures of
+# BENCHMARKS.md; run each script without --quick on an idle machine for those).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/input_throughput.py --quick
+	$(BIN)/python benchmarks/loop_overhead.py --quick
+	$(BIN)/python benchmarks/train_throughput.py --quick
+
 clean-demo:
 	rm -rf $(DEMO_WORKDIR)

@@ -12,13 +12,18 @@ Stages (Market size, 3,368 queries x 15,913 gallery, 2048-d):
   evaluate       eval.metrics.evaluate, first call (with compilation) and warm
   evaluate_numpy torchreid/BoT per-query numpy loop, same distance matrix
   rerank         eval.rerank.re_ranking
+  rerank_baseline  the same with eval/rerank.py taken from --rerank_baseline
+                 (e.g. `git show HEAD~1:eval/rerank.py > /tmp/rerank_before.py`),
+                 --rerank_repeats times, alternating with `rerank`, each in a
+                 fresh process: a side-by-side comparison on the same features
   rerank_numpy   the standard dense numpy re-ranking (float32 V), same features
   features       eval.metrics.rank_features (streamed, no distance matrix) and,
                  in the same process, distance + evaluate on the dense matrix
                  (the same figures are checked), then with TPR@FPR
 and at MSMT17 size (11,659 x 82,161, 2048-d):
   rerank_msmt    eval.rerank.re_ranking, then eval.metrics.evaluate on its
-                 (11,659 x 82,161) output
+                 (11,659 x 82,161) output; rerank_msmt_baseline: the same with
+                 --rerank_baseline's eval/rerank.py, when given
 and MSMT17's queries against a gallery of --gallery images (MSMT17's 82,161
 plus pid-0 distractors; default 1,000,000: 8.2 GB of float32 features):
   features_large eval.metrics.rank_features; the goal is a peak RSS of at
@@ -27,6 +32,7 @@ plus pid-0 distractors; default 1,000,000: 8.2 GB of float32 features):
 Usage:
   .venv/bin/python benchmarks/eval_bench.py [--skip_numpy] [--skip_msmt]
       [--skip_market] [--skip_large] [--gallery N] [--workdir DIR] [--json OUT]
+      [--rerank_baseline FILE --rerank_repeats N]
 """
 
 import argparse
@@ -237,6 +243,7 @@ class _Meter:
 
   def record(self) -> dict[str, float]:
     return dict(seconds=round(self.seconds, 3), cpu_seconds=round(self.cpu_seconds, 3),
+                load_avg_1min=round(os.getloadavg()[0], 2),
                 rss_before_gb=round(self.rss_before_gb, 3),
                 peak_rss_gb=round(self.peak_gb, 3),
                 process_peak_rss_gb=round(self.process_peak_gb, 3))
@@ -258,12 +265,24 @@ def large_problem(num_gallery: int) -> dict:
                       num_cams=MSMT['num_cams'])
 
 
+def _module_from_file(name: str, path: str):
+  """Imports a module from a file (another version of one of eval's modules)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def run_stage(stage: str, workdir: pathlib.Path, block_size: int,
-              num_gallery: int = 1_000_000) -> dict:
+              num_gallery: int = 1_000_000, rerank_baseline: str = '') -> dict:
   """Runs one stage in this process; returns its measurements."""
   # pylint: disable=g-import-not-at-top
   from eval import distance, metrics, rerank, verification
   rec: dict = {'stage': stage}
+  if stage in ('rerank_baseline', 'rerank_msmt_baseline'):
+    rerank = _module_from_file('rerank_baseline', rerank_baseline)
+    rec.update(module=rerank_baseline)
   if stage == 'features':
     q, g = _load(workdir, 'q_feats'), _load(workdir, 'g_feats')
     labels = _labels(workdir)
@@ -329,12 +348,15 @@ def run_stage(stage: str, workdir: pathlib.Path, block_size: int,
       rec.update(max_abs_diff_cmc=float(np.abs(cmc - _load(workdir, 'cmc_jax')).max()),
                  abs_diff_mAP=abs(float(mean_ap) - ref['mAP']),
                  abs_diff_mINP=abs(float(minp) - ref['mINP']))
-  elif stage == 'rerank':
+  elif stage in ('rerank', 'rerank_baseline'):
     q, g = _load(workdir, 'q_feats'), _load(workdir, 'g_feats')
     with _Meter() as m:
       out = rerank.re_ranking(q, g, 20, 6, 0.3)
     rec.update(m.record())
-    np.save(workdir / 'rerank_jax.npy', out)
+    if stage == 'rerank':
+      np.save(workdir / 'rerank_jax.npy', out)
+    else:
+      rec.update(max_abs_diff=float(np.abs(out - _load(workdir, 'rerank_jax')).max()))
     cmc, mean_ap, minp = metrics.evaluate(out, *_labels(workdir))
     rec.update(rank1=float(cmc[0]), mAP=mean_ap, mINP=minp)
   elif stage == 'rerank_numpy':
@@ -344,7 +366,7 @@ def run_stage(stage: str, workdir: pathlib.Path, block_size: int,
     rec.update(m.record())
     if (workdir / 'rerank_jax.npy').exists():
       rec.update(max_abs_diff=float(np.abs(out - _load(workdir, 'rerank_jax')).max()))
-  elif stage == 'rerank_msmt':
+  elif stage in ('rerank_msmt', 'rerank_msmt_baseline'):
     with _Meter() as m_gen:
       prob = make_problem(1, **MSMT)
     rec.update(generate=m_gen.record())
@@ -366,10 +388,12 @@ def run_stage(stage: str, workdir: pathlib.Path, block_size: int,
   return rec
 
 
-def _spawn(stage: str, workdir: pathlib.Path, block_size: int, num_gallery: int) -> dict:
+def _spawn(stage: str, workdir: pathlib.Path, block_size: int, num_gallery: int,
+           rerank_baseline: str = '') -> dict:
   """Runs a stage in a fresh interpreter and returns its JSON record."""
   cmd = [sys.executable, os.path.abspath(__file__), '--stage', stage, '--workdir',
-         str(workdir), '--block_size', str(block_size), '--gallery', str(num_gallery)]
+         str(workdir), '--block_size', str(block_size), '--gallery', str(num_gallery),
+         '--rerank_baseline', rerank_baseline]
   print(f'[eval_bench] {stage} ...', file=sys.stderr, flush=True)
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
@@ -392,12 +416,20 @@ def main(argv=None) -> None:
   parser.add_argument('--workdir', default='', help='scratch folder (default: a temp dir)')
   parser.add_argument('--json', default='', help='also write the results here')
   parser.add_argument('--block_size', type=int, default=128, help='evaluate() block size')
+  parser.add_argument('--rerank_baseline', default='',
+                      help='another eval/rerank.py to time side by side with the current one')
+  parser.add_argument('--rerank_repeats', type=int, default=1,
+                      help='runs of each re-ranking version (alternating, fresh processes)')
   parser.add_argument('--stage', default='', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.rerank_baseline and not os.path.isfile(args.rerank_baseline):
+    parser.error(f'--rerank_baseline: no file {args.rerank_baseline!r}')
+  if args.rerank_repeats < 1:
+    parser.error(f'--rerank_repeats must be >= 1, got {args.rerank_repeats}')
 
   if args.stage:
     print(json.dumps(run_stage(args.stage, pathlib.Path(args.workdir), args.block_size,
-                               args.gallery)))
+                               args.gallery, args.rerank_baseline)))
     return
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -417,12 +449,16 @@ def main(argv=None) -> None:
       stages += [] if args.skip_numpy else ['evaluate_numpy']
       stages += ['rerank']
       stages += [] if args.skip_numpy else ['rerank_numpy']
+      for i in range(args.rerank_repeats):  # alternating: rerank, baseline, rerank, ...
+        stages += ['rerank_baseline'] if args.rerank_baseline else []
+        stages += ['rerank'] if i < args.rerank_repeats - 1 else []
     if not args.skip_msmt:
       stages.append('rerank_msmt')
+      stages += ['rerank_msmt_baseline'] if args.rerank_baseline else []
     if not args.skip_large:
       stages.append('features_large')
     for stage in stages:
-      rec = _spawn(stage, workdir, args.block_size, args.gallery)
+      rec = _spawn(stage, workdir, args.block_size, args.gallery, args.rerank_baseline)
       results['stages'].append(rec)
       print(json.dumps(rec), flush=True)
   if args.json:

@@ -25,13 +25,19 @@ i.e. images/s per core, which a shared machine disturbs less than wall time.
 Usage:
   python benchmarks/input_throughput.py [--num_images 2048] [--steps 40]
       [--cached_steps 160] [--runs 5] [--workers 2] [--devices 2]
+  python benchmarks/input_throughput.py --quick   (256 images, 4 / 16 timed
+      batches per run: a smoke run in well under a minute, noisier figures)
 
 The JAX devices are `--devices` virtual CPU devices (XLA_FLAGS is set below,
-before JAX starts): the augmentation shares the machine's cores with the host
-pipeline. Run it on an otherwise idle machine for meaningful numbers.
+before JAX starts, with `reid_jax.cpu_tuning`'s flags as `reid_jax.main` sets
+them): the augmentation shares the machine's cores with the host pipeline. Run it
+on an otherwise idle machine for meaningful numbers. The cached path's CPU time
+is also split by thread (the XLA CPU devices and their pool, the prefetch
+thread, tf.data, the main thread), summed over its runs.
 """
 
 import argparse
+import collections
 from collections.abc import Sequence
 import math
 import multiprocessing
@@ -41,9 +47,13 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+# benchmarks/thread_cpu.py: the folder of this script is on sys.path.
+import thread_cpu  # pylint: disable=g-import-not-at-top
 
 
 def _set_device_count(argv: Sequence[str] | None) -> None:
@@ -61,6 +71,8 @@ def _set_device_count(argv: Sequence[str] | None) -> None:
         f'{flags} --xla_force_host_platform_device_count={count}').strip()
   os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from reid_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+  cpu_tuning.set_cpu_xla_flags()  # as reid_jax.main does, before JAX starts
 
 
 _MEAN = np.array((0.485, 0.456, 0.406), np.float32)
@@ -146,16 +158,26 @@ def _cpu_seconds(pids: Sequence[int]) -> float:
   return total
 
 
-def _timed(fn, pids: Sequence[int] = ()) -> tuple[float, float]:
-  """Runs fn() -> images; returns (images/s wall, images per CPU-second).
+# (images/s wall, images per CPU-second, images, CPU seconds by thread group).
+Rate = tuple[float, float, int, Any]
+
+
+def _timed(fn, pids: Sequence[int] = ()) -> Rate:
+  """Runs fn() -> images.
 
   CPU time counts every thread of this process (tf.data, XLA, the prefetch
   thread) and the processes `pids` (the PIL workers).
+
+  Returns:
+    (images/s wall, images per CPU-second, images, CPU seconds of this process's
+    threads by group (`thread_cpu.by_group`)): a `Rate`.
   """
+  threads, own = thread_cpu.snapshot(), time.process_time()
   wall, cpu = time.perf_counter(), _cpu_seconds(pids)
   images = fn()
   return (images / (time.perf_counter() - wall),
-          images / max(_cpu_seconds(pids) - cpu, 1e-9))
+          images / max(_cpu_seconds(pids) - cpu, 1e-9), images,
+          thread_cpu.by_group(threads, thread_cpu.snapshot(), time.process_time() - own))
 
 
 class Bench:
@@ -210,10 +232,11 @@ class Bench:
         num_steps=num_steps, num_local_devices=len(self.devices), cache=cache)
 
   def _to_devices(self, stream, skip: int, steps: int,
-                  augment: bool = True) -> tuple[float, float]:
+                  augment: bool = True) -> Rate:
     """Consumes `skip` batches untimed, then times `steps` batches, augmented
     on the devices (or only delivered there)."""
-    it = self.pipeline.prefetch_to_device(stream, size=2, devices=self.devices)
+    it = self.pipeline.prefetch_to_device(stream, size=2, devices=self.devices,
+                                          keys=self.pipeline.TRAIN_DEVICE_KEYS)
     step = ((lambda b: self.p_aug(b['image'], b['epoch'], b['position']))
             if augment else (lambda b: b['image']))
     for _ in range(skip):
@@ -231,20 +254,20 @@ class Bench:
     it.close()
     return rate
 
-  def stream_devices(self) -> tuple[float, float]:
+  def stream_devices(self) -> Rate:
     steps = self.args.steps
     return self._to_devices(self._stream('none', steps + 1), 1, steps)
 
-  def cached_devices(self) -> tuple[float, float]:
+  def cached_devices(self) -> Rate:
     steps = self.args.cached_steps
     return self._to_devices(self._stream('host', self.spe + steps), self.spe, steps)
 
-  def cached_delivery(self) -> tuple[float, float]:
+  def cached_delivery(self) -> Rate:
     steps = self.args.cached_steps
     return self._to_devices(self._stream('host', self.spe + steps), self.spe, steps,
                             augment=False)
 
-  def _host_only(self, stream, skip: int, steps: int) -> tuple[float, float]:
+  def _host_only(self, stream, skip: int, steps: int) -> Rate:
     for _ in range(skip):
       next(stream)
 
@@ -255,15 +278,15 @@ class Bench:
 
     return _timed(run)
 
-  def stream_host(self) -> tuple[float, float]:
+  def stream_host(self) -> Rate:
     steps = self.args.steps
     return self._host_only(self._stream('none', steps + 1), 1, steps)
 
-  def cached_host(self) -> tuple[float, float]:
+  def cached_host(self) -> Rate:
     steps = self.args.cached_steps
     return self._host_only(self._stream('host', self.spe + steps), self.spe, steps)
 
-  def pil_devices(self) -> tuple[float, float]:
+  def pil_devices(self) -> Rate:
     """The PIL loader's batches, put on the devices as float32."""
     jax, d = self.jax, len(self.devices)
     it = self.pool.imap(_pil_batch, self.pil_jobs, chunksize=1)
@@ -294,7 +317,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--workers', type=int, default=2)
   parser.add_argument('--devices', type=int, default=2)
   parser.add_argument('--dtype', default='float32', help='augmented image dtype')
+  parser.add_argument('--quick', action='store_true',
+                      help='a smoke run: 256 images, 4 (stream, PIL) and 16 (cached) '
+                      'timed batches per run')
   args = parser.parse_args(argv)
+  if args.quick:
+    args.num_images, args.steps, args.cached_steps = 256, 4, 16
+  for name in ('num_images', 'steps', 'cached_steps', 'batch_size', 'runs', 'workers',
+               'devices'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be at least 1, got {getattr(args, name)}.')
+  if args.batch_size % args.devices or args.num_images < 2 * args.batch_size:
+    parser.error(f'--batch_size ({args.batch_size}) must be a multiple of --devices '
+                 f'({args.devices}) and at most half of --num_images ({args.num_images}).')
   _set_device_count(argv)
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -325,6 +360,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   pil = medians[f'PIL Pool({args.workers}) -> devices']
   print(f'ratio stream / PIL: {medians["stream -> devices (augmented)"] / pil:.2f}   '
         f'cached / PIL: {medians["cached -> devices (augmented)"] / pil:.2f}')
+  for name in ('cached -> devices (augmented)', 'cached -> devices, no augment'):
+    groups = collections.Counter()
+    for r in results[name]:
+      groups.update(r[3])
+    images = sum(r[2] for r in results[name])
+    print(f'{name}, CPU per image by thread (all runs): '
+          f'{thread_cpu.format_groups(groups, images, " us", 1e6)}')
 
 
 if __name__ == '__main__':

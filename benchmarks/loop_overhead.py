@@ -14,15 +14,25 @@ batches, in the same process, interleaved (loop, bare, loop, bare, ...):
     devices, nothing else.
 
 Time runs from the first log step after the warm-up epoch (a sync point) to the
-end of the last step (the loop syncs there too; the bare run blocks on the
-state). Each figure is the median over --runs runs.
+log line of the last step (the loop fetches the metrics there, a sync; the bare
+run blocks on the state), so the final evaluation and checkpoint are not counted.
+Each figure is the median over --runs runs (run 0, which compiles, is dropped).
+Also printed: CPU seconds per step of the whole process for both sides (a machine
+shared with other jobs disturbs them less than wall time) and, for the loop, the
+CPU seconds per step of each group of threads (the XLA devices and their pool,
+tf.data, the prefetch thread, the main thread).
 
 Usage:
   python benchmarks/loop_overhead.py [--runs 5] [--epochs 4] [--steps_per_epoch 5]
       [--data_dir DIR]   (default: a synthetic dataset generated in a temp dir)
+  python benchmarks/loop_overhead.py --quick   (a 1-block, width-8 ResNet at 64x32,
+      global batch 32: a smoke run of the benchmark in about a minute; its overhead
+      is not the goal's figure, the step being ~100x shorter)
 """
 
 import argparse
+import collections
+import dataclasses
 import os
 import statistics
 import sys
@@ -31,6 +41,7 @@ import time
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from reid_jax import cpu_tuning  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -42,18 +53,26 @@ from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 from reid_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from reid_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from reid_jax import preemption  # pylint: disable=g-import-not-at-top,wrong-import-position
 from reid_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+# benchmarks/thread_cpu.py: the folder of this script is on sys.path.
+import thread_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _config(data_dir: str, args: argparse.Namespace):
+  """The demo config at the benchmark's model, size and schedule."""
   config = demo.get_config()
   config.data_dir = data_dir
-  config.input.image_size = (128, 64)
   config.model.name = 'resnet18'
-  config.batch_size = 64
-  config.num_instances = 4  # P = 16: two identities per device
+  if args.quick:
+    config.input.image_size = (64, 32)
+    config.model.stage_sizes = (1, 1, 1, 1)
+    config.model.width = 8
+    config.batch_size = 32
+  else:
+    config.input.image_size = (128, 64)
+    config.batch_size = 64
+  config.num_instances = 4  # K = 4: whole identities on every device
   config.steps_per_epoch = args.steps_per_epoch
   config.num_epochs = args.epochs
   config.log_every_steps = args.log_every
@@ -65,24 +84,40 @@ def _config(data_dir: str, args: argparse.Namespace):
 
 
 class _StepClock:
-  """Records the host time at the loop's sync points (the log steps)."""
+  """Records wall time, process CPU time and per-thread CPU at the log steps.
+
+  Stands in for the metric writer; the first write of a step is its log line (the
+  loop has just fetched the metrics: a sync point). Later writes of the same step
+  (the final evaluation's summary) are ignored.
+  """
 
   def __init__(self):
-    self.times: dict[int, float] = {}
+    self.marks: dict[int, tuple[float, float, dict]] = {}
 
   def write_scalars(self, step, scalars):
     del scalars
-    self.times[step] = time.perf_counter()
+    if step not in self.marks:
+      self.marks[step] = (time.perf_counter(), time.process_time(), thread_cpu.snapshot())
 
   def flush(self):
     pass
 
 
-def _time_loop(exp, config, state, workdir: str) -> tuple[float, int]:
-  """Seconds per step of the whole loop after the first epoch."""
+@dataclasses.dataclass
+class _Timing:
+  """One side of one run: timed steps, wall and CPU seconds per step, CPU by thread."""
+  steps: int
+  wall: float
+  cpu: float
+  groups: collections.Counter
+
+
+def _time_loop(exp, config, state, workdir: str) -> _Timing:
+  """The whole loop after its first epoch."""
   clock = _StepClock()
+  writer_factory = train.metric_writers.create_default_writer
+  evaluation = train.evaluate_lib.run_evaluation
   train.metric_writers.create_default_writer = lambda *a, **k: clock
-  evaluate_lib_run = train.evaluate_lib.run_evaluation
   train.evaluate_lib.run_evaluation = lambda *a, **k: {'mAP': 0.0}
   try:
     manager = checkpoint_lib.create_manager(workdir, 1)
@@ -90,33 +125,67 @@ def _time_loop(exp, config, state, workdir: str) -> tuple[float, int]:
     with preemption.PreemptionWatch() as watch:
       train._train_loop(exp, config, workdir, state, manager, best, watch)  # pylint: disable=protected-access
   finally:
-    train.evaluate_lib.run_evaluation = evaluate_lib_run
+    train.metric_writers.create_default_writer = writer_factory
+    train.evaluate_lib.run_evaluation = evaluation
   first = exp.steps_per_epoch  # the end of the first epoch: compiled, cache full
-  last = max(clock.times)
-  return (clock.times[last] - clock.times[first]) / (last - first), last - first
+  last = max(clock.marks)
+  if last <= first:
+    raise ValueError(f'No timed steps: the run logged steps {sorted(clock.marks)}; '
+                     'use --epochs >= 2.')
+  (wall0, cpu0, threads0), (wall1, cpu1, threads1) = clock.marks[first], clock.marks[last]
+  steps = last - first
+  return _Timing(steps, (wall1 - wall0) / steps, (cpu1 - cpu0) / steps,
+                 thread_cpu.by_group(threads0, threads1, cpu1 - cpu0))
 
 
-def _time_bare(exp, config, state, batches, num_steps: int) -> float:
-  """Seconds per step of p_train_step alone on device-resident batches."""
+def _time_bare(exp, config, state, batches, num_steps: int) -> _Timing:
+  """p_train_step alone on device-resident batches."""
   state = train._on_devices(state)  # pylint: disable=protected-access
   acc = train._on_devices(train._initial_metrics_acc(exp, state, config))  # pylint: disable=protected-access
   state, acc = exp.p_train_step(state, acc, batches[0])  # warm (compiled already)
   jax.block_until_ready(state)
-  start = time.perf_counter()
+  threads0, wall, cpu = thread_cpu.snapshot(), time.perf_counter(), time.process_time()
   for i in range(num_steps):
     state, acc = exp.p_train_step(state, acc, batches[1 + i % (len(batches) - 1)])
   jax.block_until_ready((state, acc))
-  return (time.perf_counter() - start) / num_steps
+  cpu = time.process_time() - cpu
+  return _Timing(num_steps, (time.perf_counter() - wall) / num_steps, cpu / num_steps,
+                 thread_cpu.by_group(threads0, thread_cpu.snapshot(), cpu))
 
 
-def main(argv=None) -> None:
+def _print_groups(name: str, timings: list[_Timing]) -> None:
+  """CPU seconds per step of each thread group, over all the runs."""
+  total = collections.Counter()
+  for t in timings:
+    total.update(t.groups)
+  steps = sum(t.steps for t in timings)
+  print(f'  {name} CPU s/step by thread: {thread_cpu.format_groups(total, steps, "")}')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """Parses and checks the command line."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--runs', type=int, default=5)
-  parser.add_argument('--epochs', type=int, default=4)
+  parser.add_argument('--quick', action='store_true',
+                      help='tiny model and images: a smoke run (see the docstring)')
+  parser.add_argument('--runs', type=int, default=5, help='timed runs per side')
+  parser.add_argument('--epochs', type=int, default=4,
+                      help='epochs per loop run; the first is not timed')
   parser.add_argument('--steps_per_epoch', type=int, default=5)
   parser.add_argument('--log_every', type=int, default=5)
   parser.add_argument('--data_dir', default='')
   args = parser.parse_args(argv)
+  for name in ('runs', 'steps_per_epoch', 'log_every'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be at least 1, got {getattr(args, name)}.')
+  if args.epochs < 2:
+    parser.error(f'--epochs must be at least 2 (the first one is not timed), got '
+                 f'{args.epochs}.')
+  return args
+
+
+def main(argv=None) -> int:
+  """Runs loop and bare interleaved and prints the medians and the overhead."""
+  args = parse_args(argv)
   tmp = tempfile.mkdtemp(prefix='loop_overhead_')
   data_dir = args.data_dir
   if not data_dir:
@@ -129,28 +198,41 @@ def main(argv=None) -> None:
       exp.train_source.dataset.train, config, steps_per_epoch=exp.steps_per_epoch,
       start_step=0, num_steps=exp.steps_per_epoch + 1,
       num_local_devices=jax.local_device_count())
-  batches = list(pipeline.prefetch_to_device(stream, 2))
+  batches = list(pipeline.prefetch_to_device(stream, 2, keys=pipeline.TRAIN_DEVICE_KEYS))
   # A host copy: every run puts its own buffers on the devices (the step donates them).
   host_state = jax.device_get(exp.state)
-  loop_times, bare_times = [], []
+  loops, bares = [], []
+  print(f'load average before: {os.getloadavg()}', flush=True)
   for run in range(args.runs + 1):  # run 0 compiles and warms both
-    per_step, steps = _time_loop(exp, config, host_state, os.path.join(tmp, f'wd{run}'))
-    bare = _time_bare(exp, config, host_state, batches, steps)
+    loop = _time_loop(exp, config, host_state, os.path.join(tmp, f'wd{run}'))
+    bare = _time_bare(exp, config, host_state, batches, loop.steps)
     if run:
-      loop_times.append(per_step)
-      bare_times.append(bare)
-      print(f'run {run}: loop {per_step * 1e3:.1f} ms/step, bare {bare * 1e3:.1f} ms/step, '
-            f'overhead {per_step / bare - 1:+.1%}', flush=True)
-  loop, bare = statistics.median(loop_times), statistics.median(bare_times)
+      loops.append(loop)
+      bares.append(bare)
+      print(f'run {run}: loop {loop.wall * 1e3:.1f} ms/step ({loop.cpu:.3f} CPU s), '
+            f'bare {bare.wall * 1e3:.1f} ms/step ({bare.cpu:.3f} CPU s), overhead '
+            f'{loop.wall / bare.wall - 1:+.1%}; load {os.getloadavg()[0]:.2f}', flush=True)
+  median = lambda ts, key: statistics.median(getattr(t, key) for t in ts)
+  loop_wall, bare_wall = median(loops, 'wall'), median(bares, 'wall')
+  loop_cpu, bare_cpu = median(loops, 'cpu'), median(bares, 'cpu')
   images = config.batch_size
-  print(f'\nResNet-18 128x64, global batch {images}, {jax.device_count()} CPU devices, '
-        f'{args.epochs} epochs of {exp.steps_per_epoch} steps, median of {args.runs}:')
-  print(f'  loop: {loop * 1e3:.1f} ms/step ({images / loop:.1f} img/s)')
-  print(f'  bare: {bare * 1e3:.1f} ms/step ({images / bare:.1f} img/s)')
-  print(f'  loop overhead: {loop / bare - 1:+.1%} (goal: at most +5%)')
-  ratios = sorted(l / b - 1 for l, b in zip(loop_times, bare_times))
+  height, width = config.input.image_size
+  model = 'ResNet-18' if not args.quick else 'ResNet (1 block per stage, width 8)'
+  print(f'\n{model} {height}x{width}, global batch {images}, {jax.device_count()} CPU '
+        f'devices, {args.epochs} epochs of {exp.steps_per_epoch} steps (the first one '
+        f'untimed), median of {args.runs} runs; load average after: {os.getloadavg()}')
+  print(f'  loop: {loop_wall * 1e3:.1f} ms/step ({images / loop_wall:.1f} img/s), '
+        f'{loop_cpu:.3f} CPU s/step')
+  print(f'  bare: {bare_wall * 1e3:.1f} ms/step ({images / bare_wall:.1f} img/s), '
+        f'{bare_cpu:.3f} CPU s/step')
+  print(f'  loop overhead: {loop_wall / bare_wall - 1:+.1%} wall, '
+        f'{loop_cpu / bare_cpu - 1:+.1%} CPU (goal: at most +5% wall)')
+  ratios = sorted(l.wall / b.wall - 1 for l, b in zip(loops, bares))
   print(f'  per-run overheads: {", ".join(f"{r:+.1%}" for r in ratios)}')
+  _print_groups('loop', loops)
+  _print_groups('bare', bares)
+  return 0
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  sys.exit(main(sys.argv[1:]))

@@ -33,17 +33,21 @@ Usage:
   python benchmarks/train_throughput.py [--runs 5] [--steps 4] [--warmup 2]
       [--batch_size 16] [--precision fp32|bf16] [--num_images 512]
       [--skip_torch] [--skip_eval] [--torch_threads N] [--nocpu_xla_flags]
+  python benchmarks/train_throughput.py --quick   (the same comparison on a
+      ResNet-50-type network with one bottleneck block per stage and width 16, at
+      128x64, batch 8, 2 steps per run: a smoke run in about a minute; not the
+      figure of the ResNet-50 comparison)
 """
 
 import argparse
 import contextlib
-import functools
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -80,12 +84,14 @@ def _import_sibling(directory: str, name: str) -> Any:
 
 
 def make_config(args: argparse.Namespace) -> Any:
-  """The Market recipe at the benchmark's batch size and precision."""
+  """The Market recipe at the benchmark's batch size, size, network and precision."""
   from configs import market  # pylint: disable=g-import-not-at-top
   config = market.get_config()
   config.batch_size = args.batch_size
   config.num_instances = NUM_INSTANCES
-  config.input.image_size = IMAGE_SIZE
+  config.input.image_size = args.image_size
+  config.model.stage_sizes = args.layers if args.layers != RESNET50_LAYERS else ()
+  config.model.width = args.width
   config.dtype = 'bfloat16' if args.precision == 'bf16' else 'float32'
   return config
 
@@ -109,12 +115,13 @@ class JaxBench:
     """
     import jax  # pylint: disable=g-import-not-at-top
     from input_pipeline import device_augment, pipeline  # pylint: disable=g-import-not-at-top
-    from reid_jax import models, optim, precision  # pylint: disable=g-import-not-at-top
+    from reid_jax import config_lib, models, optim, precision, train  # pylint: disable=g-import-not-at-top
     from reid_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
     self.jax, self.args = jax, args
     num_devices = jax.local_device_count()
     dtype = precision.compute_dtype(config)
     spe = pipeline.steps_per_epoch(records, config, num_devices)
+    # As `train.build_experiment` builds them (which also reads a dataset folder).
     model = models.create_model(config.model, NUM_CLASSES, dtype=dtype,
                                 bn_axis_name=step_lib.AXIS_NAME)
     print(f'  jax: {num_devices} device(s), compute dtype {np.dtype(dtype).name}, '
@@ -123,40 +130,34 @@ class JaxBench:
     lr_fn = optim.create_lr_schedule(config, spe)
     state = step_lib.create_train_state(
         jax.random.key(config.seed), model, optim.create_optimizer(config, spe),
-        IMAGE_SIZE, NUM_CLASSES, dynamic_scale=precision.create_dynamic_scale(dtype))
+        tuple(config.input.image_size), NUM_CLASSES,
+        use_center=config_lib.uses_center_loss(config),
+        dynamic_scale=precision.create_dynamic_scale(
+            dtype, minimum_scale=config.min_loss_scale))
     step_kwargs = dict(
         loss_config=step_lib.LossConfig.from_config(config), learning_rate_fn=lr_fn,
         augment_config=device_augment.AugmentConfig.from_config(config.input),
         seed=config.seed, image_dtype=dtype)
-    self.p_train, self.p_eval = step_lib.make_parallel_steps(**step_kwargs)
-    acc = self._initial_acc(step_lib, state, step_kwargs, config.batch_size // num_devices)
-    # On the devices as the pmapped step returns them, else its 2nd call compiles again.
-    self.state, self.acc = jax.device_put((state, acc), step_lib.replicated_sharding())
+    self.p_train, self.p_eval = step_lib.make_parallel_steps(
+        flip_test=config.test.flip, **step_kwargs)
+    # The training loop's own helpers: the zero metrics accumulator, and the state
+    # and accumulator on the devices as the pmapped step returns them (else its
+    # second call compiles again).
+    shapes_of = types.SimpleNamespace(train_step_kwargs=step_kwargs)
+    acc = train._initial_metrics_acc(shapes_of, state, config)  # pylint: disable=protected-access
+    self.state, self.acc = train._on_devices((state, acc))  # pylint: disable=protected-access
     num_steps = args.warmup + args.runs * args.steps
     stream = pipeline.create_train_stream(
         records, config, steps_per_epoch=spe, start_step=0, num_steps=num_steps,
         num_local_devices=num_devices)
     print(f'  jax input: {stream.cache.reason}', flush=True)
-    self.batches = pipeline.prefetch_to_device(stream, config.prefetch_batches)
+    self.batches = pipeline.prefetch_to_device(stream, config.prefetch_batches,
+                                               keys=pipeline.TRAIN_DEVICE_KEYS)
     self.eval_batch = next(pipeline.prefetch_to_device(iter([eval_batch]), 1))
     self.first_train_s, _ = timed(lambda: self._train(1))
     self._train(args.warmup - 1)
     self.first_eval_s, _ = timed(lambda: self._eval(1))
     self._eval(args.warmup - 1)
-
-  def _initial_acc(self, step_lib: Any, state: Any, step_kwargs: dict,
-                   per_device: int) -> dict:
-    """The zero metrics accumulator, shaped as `reid_jax.train` shapes it."""
-    jax = self.jax
-    height, width = IMAGE_SIZE
-    batch = {'image': jax.ShapeDtypeStruct((1, per_device, height, width, 3), np.uint8),
-             **{k: jax.ShapeDtypeStruct((1, per_device), np.int32)
-                for k in ('label', 'epoch', 'position')}}
-    step = functools.partial(step_lib.train_step, **step_kwargs)
-    # vmap over one "device" binds the collectives' axis name, as pmap does.
-    _, shapes = jax.eval_shape(
-        jax.vmap(step, in_axes=(None, 0), axis_name=step_lib.AXIS_NAME), state, batch)
-    return step_lib.init_metrics_acc(shapes)
 
   def _train(self, steps: int) -> None:
     for _ in range(steps):
@@ -226,7 +227,7 @@ class TorchBench:
     self.torch, self.args = torch, args
     self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model = torch_reference.make_torch_strong_baseline(
-        RESNET50_LAYERS, last_stride=1, num_classes=NUM_CLASSES, seed=0)
+        args.layers, last_stride=1, num_classes=NUM_CLASSES, seed=0, width=args.width)
     for module in model.modules():  # torchvision's ResNet uses in-place ReLUs
       if isinstance(module, torch.nn.ReLU):
         module.inplace = True
@@ -304,7 +305,7 @@ def make_data(args: argparse.Namespace, config: Any, tmp: str
       records, config, steps_per_epoch=1, start_step=0, num_steps=1,
       num_local_devices=num_devices, cache='none'))
   eval_batch = {'image': batch['image']}
-  uint8 = batch['image'].reshape(-1, *IMAGE_SIZE, 3)
+  uint8 = batch['image'].reshape(-1, *args.image_size, 3)
   mean = np.asarray(config.input.pixel_mean, np.float32)
   std = np.asarray(config.input.pixel_std, np.float32)
   images = (uint8.astype(np.float32) / 255.0 - mean) / std
@@ -330,8 +331,11 @@ def print_environment(args: argparse.Namespace, added_flags: Sequence[str]) -> N
     print(f'torch {torch.__version__}: intra-op threads {torch.get_num_threads()}, '
           f'inter-op threads {torch.get_num_interop_threads()}, cuda '
           f'{torch.cuda.is_available()}')
-  print(f'batch {args.batch_size} (P={args.batch_size // NUM_INSTANCES} x '
-        f'K={NUM_INSTANCES}) at {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, {NUM_CLASSES} classes, '
+  network = ('ResNet-50' if args.layers == RESNET50_LAYERS and args.width == 64 else
+             f'bottleneck ResNet {args.layers} width {args.width}')
+  print(f'{network}, batch {args.batch_size} (P={args.batch_size // NUM_INSTANCES} x '
+        f'K={NUM_INSTANCES}) at {args.image_size[0]}x{args.image_size[1]}, '
+        f'{NUM_CLASSES} classes, '
         f'{args.precision}; {args.runs} runs x {args.steps} steps, warmup '
         f'{args.warmup}; load average {load_average()}', flush=True)
 
@@ -367,7 +371,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--cpu_xla_flags', action=argparse.BooleanOptionalAction,
                       default=True, help='reid_jax.cpu_tuning.set_cpu_xla_flags(), '
                       'as reid_jax.main does')
+  parser.add_argument('--quick', action='store_true',
+                      help='a smoke run: one bottleneck block per stage, width 16, '
+                      '128x64, batch 8, 2 steps per run, 64 images')
   args = parser.parse_args(argv)
+  args.layers, args.width, args.image_size = RESNET50_LAYERS, 64, IMAGE_SIZE
+  if args.quick:
+    args.layers, args.width, args.image_size = (1, 1, 1, 1), 16, (128, 64)
+    args.batch_size, args.steps, args.warmup, args.num_images = 8, 2, 1, 64
   if args.batch_size <= 0 or args.batch_size % NUM_INSTANCES:
     parser.error(f'--batch_size must be a positive multiple of K={NUM_INSTANCES}, '
                  f'got {args.batch_size}.')

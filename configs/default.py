@@ -17,7 +17,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Data. `dataset` is a name from input_pipeline.catalog; `data_dir` its root.
   config.dataset = 'market1501'
   config.data_dir = 'data/Market-1501-v15.09.15'
-  # Optional different test set (e.g. train on Market, test on Partial-iLIDS).
+  # Test sets, each evaluated and logged under its label: '[label=]dataset[:data_dir]'
+  # strings, e.g. ('market1501:data/Market-1501-v15.09.15', 'dukemtmcreid:data/DukeMTMC-reID')
+  # for cross-domain (see input_pipeline.data_source.parse_test_datasets). The first set's
+  # mAP is "the" mAP (best checkpoint, flat keys of eval_results.json). Empty: the
+  # training dataset.
+  config.test_datasets = ()
+  # Legacy single test set (one-entry test_datasets); leave empty with test_datasets.
   config.test_dataset = ''
   config.test_data_dir = ''
   # 'folder' reads the original folder tree, 'tfds' the TFRecords of our TFDS builders.
@@ -25,6 +31,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.tfds_data_dir = ''
   # Decode every image once at start-up and skip (with a warning) corrupt ones.
   config.verify_images = False
+  # The generic folder reader, dataset name 'folder' (the multi-GPU variant reads every
+  # dataset this way): `data_dir` is its root (the variant's DATASETS.DATA_PATH), these
+  # are the split folders inside it (TRAIN_PATH, QUERY_PATH, GALLERY_PATH; relative,
+  # '..' allowed; train_dir '' for a test-only set) and the file-name regex (group 1
+  # the pid, -1 = junk, dropped; group 2 the camera, numbered from 1). Passed to
+  # input_pipeline.market.read_folder by input_pipeline.data_source.
+  config.folder = ml_collections.ConfigDict()
+  config.folder.train_dir = 'bounding_box_train'
+  config.folder.query_dir = 'query'
+  config.folder.gallery_dir = 'bounding_box_test'
+  config.folder.pattern = r'([-\d]+)_c(\d+)'
 
   # Input and augmentation (the baseline's order: resize, flip, pad, crop,
   # normalise, random erasing).
@@ -46,6 +63,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampler = 'pk'
   config.batch_size = 64  # global batch, P * K
   config.num_instances = 4  # K
+  # The multi-GPU variant's per-GPU batch semantics (DTennant/reid_baseline_with_syncbn,
+  # whose batch sizes are per GPU). 0: off, the sizes above and test.batch_size are
+  # global. N > 0: reproduce its run on N GPUs on any number of devices: the global
+  # batch is batch_size * N with K = num_instances * N images per identity (P
+  # unchanged), the weights' lr is optim.base_lr * N (its linear scaling) while biases
+  # keep base_lr * bias_lr_factor, and the test batch is test.batch_size * N. Resolved
+  # once at start-up (reid_jax.config_lib.resolve_reference_gpus) into those global
+  # values, which config.json then records with num_reference_gpus=0.
+  config.num_reference_gpus = 0
+  # Allow P x K layouts where an identity's K images span several devices (P not a
+  # multiple of the device count): exact, as triplets are mined over the gathered
+  # global batch and BN statistics are cross-device. num_reference_gpus turns it on.
+  config.identities_may_span_devices = False
 
   # Model.
   config.model = ml_collections.ConfigDict()
@@ -134,10 +164,31 @@ def get_config() -> ml_collections.ConfigDict:
   config.test.feat_norm = True
   config.test.flip = False
   config.test.max_rank = 50
+  # CMC ranks reported (logged, eval_results.json, the printed table), 1-based; the CMC
+  # curve (cmc.png) runs to max(max_rank, the largest of them).
+  config.test.cmc_ranks = (1, 5, 10)
+  # 'euclidean' (squared, the baseline's) or 'cosine' (1 - cos): metrics, re-ranking and
+  # reports (eval.distance.DISTANCES).
+  config.test.distance = 'euclidean'
+  # 'auto' (the CUHK03 single-gallery-shot protocol for classic-split CUHK03 data, the
+  # Market protocol for everything else, CUHK03-NP included), 'market' or 'cuhk03'.
+  config.test.protocol = 'auto'
+  # fast-reid's average query expansion (TEST.AQE: ENABLED, QE_TIME, QE_K, ALPHA),
+  # applied to the (normalised) features before scoring.
+  config.test.aqe = False
+  config.test.aqe_times = 1
+  config.test.aqe_k = 5
+  config.test.aqe_alpha = 3.0
+  # Also report fast-reid's TPR at FPR 1e-4, 1e-3, 1e-2 (TEST.ROC_ENABLED).
+  config.test.tpr_at_fpr = False
   config.test.rerank = False
   config.test.k1 = 20
   config.test.k2 = 6
   config.test.lambda_value = 0.3
+  # Memory limit (GiB) of the dense evaluations (re-ranking, the CUHK03 protocol):
+  # above it they are refused with the memory they would need. CMC/mAP/mINP are
+  # streamed from the features and need no Q x G matrix at any size.
+  config.test.max_dense_gb = 16.0
   config.test.report_queries = 10  # worst queries drawn in the report
   config.test.report_top_k = 10
   return config

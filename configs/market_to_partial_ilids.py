@@ -7,6 +7,5 @@ from configs import default
 
 def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
-  config.test_dataset = 'partial_ilids'
-  config.test_data_dir = 'data/Partial_iLIDS'
+  config.test_datasets = ('partial_ilids:data/Partial_iLIDS',)
   return config

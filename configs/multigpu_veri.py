@@ -1,15 +1,19 @@
-"""The multi-GPU variant on VeRi-776: 384x384 input in half precision (fp16 on GPU)."""
+"""Deprecated: the multi-GPU variant's VeRi-776 recipe is configs/syncbn_veri.py.
+
+This file used to approximate that recipe (the strong baseline's mean/std, padding 10,
+label smoothing; 30 epochs at batch 64 with K=8); it now returns configs/syncbn_veri.py
+unchanged.
+"""
+
+import logging
 
 import ml_collections
 
-from configs import multigpu_market
+from configs import syncbn_veri
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = multigpu_market.get_config()
-  config.dataset = 'veri776'
-  config.data_dir = 'data/VeRi'
-  config.input.image_size = (384, 384)
-  # The recipe's fp16 (apex): explicit, so bfloat16-capable GPUs do not change it.
-  config.dtype = 'float16'
-  return config
+  """Returns configs/syncbn_veri.py's recipe (and logs that this name is deprecated)."""
+  logging.warning('configs/multigpu_veri.py is deprecated: use configs/syncbn_veri.py '
+                  '(the same recipe).')
+  return syncbn_veri.get_config()

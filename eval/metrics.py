@@ -45,7 +45,7 @@ from eval.protocol import positive_pairs  # pylint: disable=unused-import
 
 ArrayLike = Any
 
-_PROTOCOLS = ('market', 'cuhk03')
+PROTOCOLS = ('market', 'cuhk03')  # the `protocol` values of `evaluate`
 # The count kernel is memory-bound once its (rows, num_gallery) working array
 # leaves the cache; rows per call are capped so that it holds about this many
 # elements (measured on CPU: 128 rows for Market's 15,913 gallery images).
@@ -106,8 +106,8 @@ def _validate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int,
     (q_pid codes, g_pid codes, q_cam codes, g_cam codes, max_rank clipped to
     the gallery size).
   """
-  if protocol not in _PROTOCOLS:
-    raise ValueError(f'Unknown protocol {protocol!r}; expected one of {_PROTOCOLS}.')
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'Unknown protocol {protocol!r}; expected one of {PROTOCOLS}.')
   if int(block_size) < 1:
     raise ValueError(f'block_size must be >= 1, got {block_size}.')
   if int(max_rank) < 1:

@@ -98,14 +98,25 @@ def _ap_from_ranking(order, g_pids, g_camids, q_pid, q_camid):
   return float(np.sum(precision * hits) / hits.sum())
 
 
-def _load(path: str, image_size: tuple[int, int]) -> Image.Image:
-  """Opens an image resized to (width, height), or a grey tile if unreadable."""
+def load_tile(path: str, image_size: tuple[int, int],
+              purpose: str = 'the report') -> Image.Image:
+  """Opens an image for a picture grid (this module's, `reid_jax.rank`'s).
+
+  Args:
+    path: image file.
+    image_size: (height, width) of the tile.
+    purpose: what the image is read for, in the warning.
+
+  Returns:
+    The RGB image resized to (width, height), or a MISSING-grey tile (with a warning
+    attributed to the drawing function's caller) if it cannot be read.
+  """
   height, width = image_size
   try:
     with Image.open(path) as img:
       return img.convert('RGB').resize((width, height), Image.BILINEAR)
   except (OSError, ValueError) as e:
-    warnings.warn(f'Cannot read {path!r} for the report ({e}); drawing a grey tile.',
+    warnings.warn(f'Cannot read {path!r} for {purpose} ({e}); drawing a grey tile.',
                   stacklevel=3)
     return Image.new('RGB', (width, height), MISSING)
 
@@ -204,11 +215,11 @@ def save_worst_queries_png(path: str,
     x, y = grid_cell_origin(r, 0, image_size)
     draw.text((x, y - CAPTION + 1), f'query {q}  pid {q_pids[q]}  cam {q_camids[q]}  '
               f'AP {ap:.3f}', fill=(0, 0, 0))
-    paste(_load(q_paths[q], image_size), r, 0, QUERY_COLOUR)
+    paste(load_tile(q_paths[q], image_size), r, 0, QUERY_COLOUR)
     for c, g in enumerate(ranked_g):
       gallery[r, c] = g
       match[r, c] = g_pids[g] == q_pids[q]
-      paste(_load(g_paths[g], image_size), r, c + 1,
+      paste(load_tile(g_paths[g], image_size), r, c + 1,
             MATCH_COLOUR if match[r, c] else WRONG_COLOUR)
   canvas.save(path, format='PNG')
   return WorstQueries(query=rows, ap=row_aps, gallery=gallery, match=match)

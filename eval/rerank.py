@@ -6,28 +6,29 @@ with float32 in place of its float16 `V`), without ever holding an N x N
 matrix (N = num_query + num_gallery):
 
 1. One pass over the squared euclidean distances of all N points in
-   (block_size, block_size) tiles (JAX) yields each row's maximum (the
-   reference scales row i by it: D is symmetric, so its per-column maximum
-   followed by the transpose is a per-row scaling), the row's nearest
-   neighbours (only `initial_rank[:, :max(k1 + 1, k2)]` is ever read, kept as
-   running top-k lists) and the scaled query-gallery block of the output.
-   By symmetry only the upper triangle of tiles is computed, each tile
-   serving its rows and (transposed) its columns.
+   (block_size, block_size) tiles (JAX, `eval.rerank_neighbours`) yields each
+   row's maximum (the reference scales row i by it: D is symmetric, so its
+   per-column maximum followed by the transpose is a per-row scaling), the
+   row's nearest neighbours (only `initial_rank[:, :max(k1 + 1, k2)]` is ever
+   read, kept as running top-k lists) and the query-gallery block of the
+   distances, written into the output. By symmetry only the upper triangle of
+   tiles is computed, each tile serving its rows and (transposed) its columns.
 2. The k1-reciprocal sets and their 2/3 expansion with k1/2-reciprocal sets
-   are vectorised over row blocks (JAX) from the neighbour lists alone.
+   are sparse matrix products (scipy) of the neighbour lists alone.
 3. `V` is a sparse CSR matrix (scipy) whose weights exp(-scaled distance)
    come, for the members of each row's expanded set, from the distances the
    neighbour pass kept (most members are in the row's neighbour list or the
-   row in theirs; the others are computed from the features); the local query
-   expansion (mean of `V` over the k2 nearest rows) is a sparse product.
+   row in theirs, or are query-gallery pairs; the others are computed from the
+   features); the local query expansion (mean of `V` over the k2 nearest rows)
+   is a sparse product.
 4. The Jaccard distance `1 - s / (2 - s)`, s = sum_k min(V[i, k], V[j, k]), is
-   accumulated blockwise over query rows against a CSC copy of the gallery
-   rows of `V`, and combined with the scaled original distance in place
-   (densely in float32 for s = 0, i.e. Jaccard distance 1; then corrected
-   where s > 0).
+   accumulated over a few query rows at a time (a dense accumulator that
+   stays in the cache) against a CSC copy of the gallery rows of `V`, and
+   combined in place with the distances scaled by their row maximum.
 
-Peak memory is the (num_query, num_gallery) float32 output plus two copies of
-the features, plus O(block_size * N) working memory, the sparse `V` and the
+Peak memory is the (num_query, num_gallery) float32 output plus one copy of
+the features (on CPU the device shares the host's; two with an accelerator),
+plus O(block_size * N) working memory, the sparse `V` and the
 Jaccard working set bounded by `max_pairs` (`memory_bytes` estimates it);
 above `max_bytes` the computation is refused before it starts.
 
@@ -41,7 +42,7 @@ Unlike fast-reid, which combines the Jaccard distance with the unscaled
 original distance, the BoT formula (row-max-scaled distance) is kept for both.
 """
 
-import functools
+import mmap
 from typing import Any, Optional
 
 import jax
@@ -50,194 +51,55 @@ import numpy as np
 import scipy.sparse
 
 from eval import distance as distance_lib
-from eval.distance import aligned_empty
+from eval import rerank_neighbours
 
 ArrayLike = Any
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@functools.partial(jax.jit, static_argnames=('k',))
-def _merge_top(vals: tuple[jax.Array, ...], idx: tuple[jax.Array, ...],
-               k: int) -> tuple[jax.Array, jax.Array]:
-  """Keeps the k largest of several candidate lists, preferring earlier lists on ties."""
-  v, pos = jax.lax.top_k(jnp.concatenate(vals, axis=1), k)
-  return v, jnp.take_along_axis(jnp.concatenate(idx, axis=1), pos, axis=1)
+def _lists_matrix(nn: np.ndarray, k: int) -> scipy.sparse.csr_matrix:
+  """(N, N) 0/1 matrix of the first k entries of each neighbour list."""
+  num = nn.shape[0]
+  return scipy.sparse.csr_matrix(
+      (np.ones(num * k, np.int32), nn[:, :k].reshape(-1), np.arange(0, num * k + 1, k)),
+      shape=(num, num))
 
 
-# Tile results merged into a block's neighbour list at a time (one top_k for
-# several tiles: XLA:CPU's TopK has a sizeable cost per row).
-_MERGE_EVERY = 8
-
-
-@functools.partial(jax.jit, static_argnames=('k', 'same', 'with_output'))
-def _tile(f_i: jax.Array, sq_i: jax.Array, f_j: jax.Array, sq_j: jax.Array, n_i: jax.Array,
-          n_j: jax.Array, base_j: jax.Array, base_i: jax.Array, max_i: jax.Array,
-          max_j: jax.Array, k: int, same: bool, with_output: bool):
-  """One (B_i, B_j) tile of the symmetric squared-distance matrix.
-
-  Updates the running row maxima and gives the k nearest candidates in the
-  tile of its rows (block i) and, through the transpose, of its columns
-  (block j). Each block receives the column blocks in increasing order, so
-  keeping the earlier candidate on ties ranks equal distances by index.
-
-  Args:
-    f_i: (B_i, D) features of row block i (zero-padded).
-    sq_i: (B_i,) their squared norms (an input: computed inside, XLA:CPU would
-      recompute the reduction for every output element).
-    f_j: (B_j, D) features of block j (zero-padded).
-    sq_j: (B_j,) their squared norms.
-    n_i: number of real rows in block i.
-    n_j: number of real rows in block j.
-    base_j: index of the first row of block j.
-    base_i: index of the first row of block i.
-    max_i: (B_i,) running row maxima of block i.
-    max_j: (B_j,) those of block j (ignored when `same`).
-    k: neighbours kept.
-    same: whether i == j (the transpose update is skipped).
-    with_output: also return the tile itself.
-
-  Returns:
-    ((max_i, neg. distances (B_i, k), indices (B_i, k)), the same for block j
-    or None when `same`, tile (B_i, B_j) or None).
-  """
-  d = sq_i[:, None] + sq_j[None, :] - 2.0 * jnp.matmul(f_i, f_j.T, precision=_HIGHEST)
-
-  def update(row_max, dist, n_cols, base):
-    valid = (jnp.arange(dist.shape[1]) < n_cols)[None, :]
-    row_max = jnp.maximum(row_max, jnp.max(jnp.where(valid, dist, -jnp.inf), axis=1))
-    v, pos = jax.lax.top_k(jnp.where(valid, -dist, -jnp.inf), min(k, dist.shape[1]))
-    return row_max, v, (pos + base).astype(jnp.int32)
-
-  out_i = update(max_i, d, n_j, base_j)
-  out_j = None if same else update(max_j, d.T, n_i, base_i)
-  return out_i, out_j, (d if with_output else None)
-
-
-def _even_blocks(start: int, stop: int, block_size: int) -> list[tuple[int, int, int]]:
-  """Splits [start, stop) into ceil(n / block_size) near-equal blocks.
-
-  Returns:
-    (start, stop, padded size) per block; sizes are the largest block rounded
-    up to a multiple of 8 (one tile shape per pair of ranges, little padding).
-  """
-  n = stop - start
-  if n <= 0:
-    return []
-  count = -(-n // block_size)
-  step = -(-n // count)
-  size = -(-step // 8) * 8
-  return [(s, min(s + step, stop), size) for s in range(start, stop, step)]
-
-
-@jax.jit
-def _squared_norms(f: jax.Array) -> jax.Array:
-  return jnp.sum(f * f, axis=1)
-
-
-def _neighbour_pass(feats: np.ndarray, num_query: int, k: int, block_size: int,
-                    out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Row maxima, k nearest neighbours and the scaled query-gallery distances.
-
-  The squared distances are computed once per pair of row blocks (upper
-  triangle of the block grid) and used for both blocks. Query and gallery rows
-  are blocked separately, in near-equal blocks of at most `block_size` rows
-  (little padding), so that query-gallery tiles map onto `out`.
-
-  Args:
-    feats: (N, D) float32 features, queries first.
-    num_query: number of queries.
-    k: neighbours per row (<= N).
-    block_size: rows per block.
-    out: (num_query, N - num_query) float32 array receiving the distances
-      divided by their row maximum.
-
-  Returns:
-    (row_max (N,) float32, nn (N, k) int32 by increasing distance, ties to the
-    lower index, nn_dist (N, k) float32 their distances).
-  """
-  num = feats.shape[0]
-  blocks = _even_blocks(0, num_query, block_size) + _even_blocks(num_query, num,
-                                                                  block_size)
-  operands = []
-  for start, stop, size in blocks:
-    f = np.zeros((size, feats.shape[1]), np.float32)
-    f[:stop - start] = feats[start:stop]
-    f = jax.device_put(f)
-    operands.append((f, _squared_norms(f)))
-  maxima = [jnp.full((size,), -jnp.inf, jnp.float32) for _, _, size in blocks]
-  lists = [([jnp.full((size, k), -jnp.inf, jnp.float32)], [jnp.full((size, k), -1, jnp.int32)])
-           for _, _, size in blocks]
-
-  def add(b, vals, idx, final=False):
-    lists[b][0].append(vals)
-    lists[b][1].append(idx)
-    if final or len(lists[b][0]) > _MERGE_EVERY:
-      merged = _merge_top(tuple(lists[b][0]), tuple(lists[b][1]), k)
-      lists[b] = ([merged[0]], [merged[1]])
-
-  row_max = np.empty(num, np.float32)
-  nn = np.empty((num, k), np.int32)
-  nn_dist = np.empty((num, k), np.float32)
-  for bi, (si, ei, _) in enumerate(blocks):
-    pending = []
-    for bj in range(bi, len(blocks)):
-      sj, ej, _ = blocks[bj]
-      with_output = si < num_query <= sj
-      out_i, out_j, tile = _tile(*operands[bi], *operands[bj], ei - si, ej - sj, sj, si,
-                                 maxima[bi], maxima[bj], k, bj == bi, with_output)
-      maxima[bi] = out_i[0]
-      add(bi, *out_i[1:], final=bj == len(blocks) - 1)
-      if bj != bi:
-        maxima[bj] = out_j[0]
-        add(bj, *out_j[1:])
-      if with_output:
-        pending.append((sj - num_query, ej - num_query, tile))
-    # Block bi has now seen every column block.
-    (vals,), (idx,) = lists[bi]
-    lists[bi] = None
-    row_max[si:ei] = np.asarray(maxima[bi])[:ei - si]
-    nn[si:ei] = np.asarray(idx)[:ei - si]
-    nn_dist[si:ei] = -np.asarray(vals)[:ei - si]
-    for a, b, tile in pending:
-      out[si:ei, a:b] = np.asarray(tile)[:ei - si, :b - a]
-    if pending:
-      out[si:ei] /= row_max[si:ei, None]
-  return row_max, nn, nn_dist
-
-
-@functools.partial(jax.jit, static_argnames=('k1p', 'h1'))
-def _expanded_sets(nn: jax.Array, rows: jax.Array, k1p: int, h1: int) -> jax.Array:
-  """Members of the expanded k-reciprocal sets of a block of rows.
+def _expanded_sets(nn: np.ndarray, k1p: int, h1: int) -> scipy.sparse.csr_matrix:
+  """Members of the expanded k-reciprocal sets of all rows, as sparse products.
 
   Args:
     nn: (N, K) nearest-neighbour lists (K >= k1p).
-    rows: (B,) row indices.
     k1p: k1 + 1 (clipped to N), length of the forward lists.
     h1: round(k1 / 2) + 1 (clipped to N), length of the candidates' lists.
 
   Returns:
-    (B, k1p * (1 + h1)) int32 members; unused slots hold N. A row's members
-    are its k1-reciprocal neighbours plus the k1/2-reciprocal sets of those
-    neighbours whose overlap with the k1-reciprocal set is above 2/3 of their
-    size; they may repeat.
+    (N, N) CSR matrix (sorted indices) whose row i holds the members of i's
+    set: its k1-reciprocal neighbours R(i) = {j in nn[i, :k1p]: i in
+    nn[j, :k1p]} and the k1/2-reciprocal sets H(j) (from the h1-lists) of
+    those j in R(i) with |H(j) & R(i)| > 2/3 |H(j)|.
   """
-  num = nn.shape[0]
-  fwd = nn[rows, :k1p]  # (B, k1p)
-  back = nn[:, :k1p][fwd]  # (B, k1p, k1p)
-  recip = jnp.any(back == rows[:, None, None], axis=-1)  # (B, k1p)
-  cand_fwd = back[:, :, :h1]  # (B, k1p, h1): candidate c = fwd[b, m]
-  cand_back = nn[:, :h1][cand_fwd]  # (B, k1p, h1, h1)
-  cand_recip = jnp.any(cand_back == fwd[:, :, None, None], axis=-1)  # (B, k1p, h1)
-  in_set = jnp.any((cand_fwd[..., None] == fwd[:, None, None, :]) &
-                   recip[:, None, None, :], axis=-1)
-  overlap = jnp.sum(in_set & cand_recip, axis=-1)
-  size = jnp.sum(cand_recip, axis=-1)
+  forward = _lists_matrix(nn, k1p)
+  recip = forward.multiply(forward.T).tocsr()
+  half = _lists_matrix(nn, h1)
+  half = half.multiply(half.T).tocsr()
+  overlap = (recip @ half.T).multiply(recip).tocsr()  # |H(j) & R(i)| for j in R(i)
+  rows = np.repeat(np.arange(nn.shape[0]), np.diff(overlap.indptr))
   # len(intersection) > 2/3 * len(candidate set), exactly in integers.
-  accept = recip & (3 * overlap > 2 * size)
-  own = jnp.where(recip, fwd, num)
-  extra = jnp.where(accept[..., None] & cand_recip, cand_fwd, num)
-  return jnp.concatenate([own, extra.reshape(fwd.shape[0], -1)], axis=1)
+  accept = 3 * overlap.data > 2 * np.diff(half.indptr)[overlap.indices]
+  accepted = scipy.sparse.csr_matrix(
+      (np.ones(int(accept.sum()), np.int32), (rows[accept], overlap.indices[accept])),
+      shape=recip.shape)
+  members = (recip + accepted @ half).tocsr()
+  members.sum_duplicates()
+  members.sort_indices()
+  return members
+
+
+# Pairs per call of `_pair_distances`: their gathered features (8 KB a row at
+# 2048-d) stay in the cache (4096 pairs: 3x slower, measured).
+_PAIR_BLOCK = 512
 
 
 @jax.jit
@@ -259,25 +121,26 @@ def _find_in_lists(lists: np.ndarray, rows: np.ndarray, values: np.ndarray,
 
 
 def _member_distances(feats_host: np.ndarray, row_ids: np.ndarray, indices: np.ndarray,
-                      nn: np.ndarray, nn_dist: np.ndarray, block_size: int) -> np.ndarray:
+                      nn: np.ndarray, nn_dist: np.ndarray, qg_dist: np.ndarray) -> np.ndarray:
   """Squared distances of the (row, member) entries of V.
 
   Most members are in the row's own neighbour list, or the row in the
-  member's, whose distances the neighbour pass kept (the same values as the
-  q-g output); the others are computed once per unordered pair.
+  member's, whose distances the neighbour pass kept; query-gallery distances
+  are in its output; the others are computed once per unordered pair. All
+  but the last are the values the neighbour pass ranked.
 
   Args:
-    feats_host: (N, D) float32 features.
+    feats_host: (N, D) float32 features (further rows are ignored).
     row_ids: (E,) row of each entry.
     indices: (E,) member of each entry.
     nn: (N, K) neighbour lists.
     nn_dist: (N, K) their distances.
-    block_size: sets the pair batch size.
+    qg_dist: (Q, N - Q) query-gallery distances.
 
   Returns:
     (E,) float32 distances.
   """
-  num = nn.shape[0]
+  num, num_query = nn.shape[0], qg_dist.shape[0]
   dist = np.empty(len(row_ids), np.float32)
   pos = _find_in_lists(nn, row_ids, indices)
   own = pos >= 0
@@ -287,20 +150,22 @@ def _member_distances(feats_host: np.ndarray, row_ids: np.ndarray, indices: np.n
   back = pos >= 0
   dist[rest[back]] = nn_dist[indices[rest[back]], pos[back]]
   rest = rest[~back]
+  lo = np.minimum(row_ids[rest], indices[rest])
+  hi = np.maximum(row_ids[rest], indices[rest])
+  in_out = (lo < num_query) & (hi >= num_query)
+  dist[rest[in_out]] = qg_dist[lo[in_out], hi[in_out] - num_query]
+  rest, lo, hi = rest[~in_out], lo[~in_out], hi[~in_out]
   if len(rest):
-    keys = (np.minimum(row_ids[rest], indices[rest]).astype(np.int64) * num +
-            np.maximum(row_ids[rest], indices[rest]))
-    keys, inverse = np.unique(keys, return_inverse=True)
-    pair_a = (keys // num).astype(np.int32)
+    keys, inverse = np.unique(lo.astype(np.int64) * num + hi, return_inverse=True)
+    pair_a = (keys // num).astype(np.int32)  # sorted: its rows stay in the cache
     pair_b = (keys % num).astype(np.int32)
     feats = jax.device_put(feats_host)
-    sq = _squared_norms(feats)
+    sq = rerank_neighbours.squared_norms(feats)
     pair_dist = np.empty(len(keys), np.float32)
-    pair_block = max(block_size * 32, 4096)
-    for start in range(0, len(keys), pair_block):
-      stop = min(start + pair_block, len(keys))
-      d = _pair_distances(feats, sq, jnp.asarray(_pad_to(pair_a[start:stop], pair_block)),
-                          jnp.asarray(_pad_to(pair_b[start:stop], pair_block)))
+    for start in range(0, len(keys), _PAIR_BLOCK):
+      stop = min(start + _PAIR_BLOCK, len(keys))
+      d = _pair_distances(feats, sq, _pad_to(pair_a[start:stop], _PAIR_BLOCK),
+                          _pad_to(pair_b[start:stop], _PAIR_BLOCK))
       pair_dist[start:stop] = np.asarray(d)[:stop - start]
     dist[rest] = pair_dist[inverse.reshape(-1)]
   return dist
@@ -311,8 +176,36 @@ def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
   return np.pad(a, (0, size - len(a)))
 
 
+def _mapped_empty(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+  """Uninitialised page-aligned array in its own anonymous memory map.
+
+  Unlike numpy's large allocations it is not advised to use transparent huge
+  pages: where the kernel must compact memory for them (a busy machine), the
+  first touch of Market's 214 MB (Q, G) output cost 0.47-0.51 s of system
+  time, against 0.07-0.10 s in 4 KB pages (measured). Page-aligned, the device
+  can share its memory.
+
+  Args:
+    shape: array shape.
+    dtype: element type.
+
+  Returns:
+    The array (its memory is unmapped when the array is freed).
+  """
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype, count=nbytes // dtype.itemsize
+                       ).reshape(shape)
+
+
 def _check_inputs(q_feats, g_feats, k1, k2, lambda_value, block_size, max_pairs):
-  """Validates `re_ranking`'s arguments; returns the concatenated features."""
+  """Validates `re_ranking`'s arguments.
+
+  Returns:
+    The features, queries first, in a page-aligned (M, D) float32 array
+    whose rows beyond the N = Q + G features (the padding of the neighbour
+    pass's last block) are zero.
+  """
   q = np.asarray(q_feats)
   g = np.asarray(g_feats)
   if q.ndim != 2 or g.ndim != 2:
@@ -331,12 +224,20 @@ def _check_inputs(q_feats, g_feats, k1, k2, lambda_value, block_size, max_pairs)
     raise ValueError(f'block_size must be >= 1, got {block_size}.')
   if int(max_pairs) < 1:
     raise ValueError(f'max_pairs must be >= 1, got {max_pairs}.')
-  feats = aligned_empty((q.shape[0] + g.shape[0], q.shape[1]), np.float32)
+  num = q.shape[0] + g.shape[0]
+  rows = rerank_neighbours.padded_rows(num, min(int(block_size), num))
+  feats = _mapped_empty((rows, q.shape[1]), np.float32)  # zero-filled
   feats[:q.shape[0]] = q
-  feats[q.shape[0]:] = g
+  feats[q.shape[0]:num] = g
   if not np.isfinite(feats.sum()) and not np.isfinite(feats).all():
     raise ValueError('Features contain NaN or infinite values.')
   return feats
+
+
+# Entries of the dense (rows, num_gallery) Jaccard accumulator per block of
+# query rows (but at least 4 rows): 1 MB of float64, which stays in the cache
+# (16 MB blocks: 5x slower, measured).
+_JACCARD_ENTRIES = 1 << 17
 
 
 def _jaccard_blocks(rowpairs: np.ndarray, max_rows: int, max_pairs: int):
@@ -389,7 +290,8 @@ def re_ranking(q_feats: ArrayLike,
                distance: str = 'euclidean',
                max_bytes: Optional[int] = distance_lib.DEFAULT_MAX_DENSE_BYTES,
                block_size: int = 1024,
-               max_pairs: int = 20_000_000) -> np.ndarray:
+               max_pairs: int = 20_000_000,
+               neighbours_on_host: Optional[bool] = None) -> np.ndarray:
   """k-reciprocal re-ranked query-gallery distances.
 
   Equal, up to float32 rounding, to the numpy reference implementation that
@@ -418,6 +320,11 @@ def re_ranking(q_feats: ArrayLike,
     max_pairs: Jaccard working-set bound: at most this many (query, gallery,
       feature) triples (about 40 bytes each) and this many entries of the
       dense (rows, num_gallery) float64 accumulator per block of query rows.
+    neighbours_on_host: select the nearest neighbours of each distance tile
+      on the host, from the few entries below the running k-th distances
+      (numpy; the default on CPU, where XLA's top-k costs as much as half of
+      the tile's matmul), rather than with `jax.lax.top_k` on the device (the
+      default elsewhere). Both give the same lists.
 
   Returns:
     (Q, G) float32 numpy array of re-ranked distances.
@@ -441,7 +348,7 @@ def re_ranking(q_feats: ArrayLike,
     norms = np.sqrt(np.sum(np.square(feats_host, dtype=np.float32), axis=1, keepdims=True))
     feats_host /= np.maximum(norms, np.float32(1e-12))
   num_query = int(np.shape(q_feats)[0])
-  num = feats_host.shape[0]
+  num = num_query + int(np.shape(g_feats)[0])
   num_gallery = num - num_query
   block_size = int(block_size)
   k1p = min(int(k1) + 1, num)
@@ -449,31 +356,20 @@ def re_ranking(q_feats: ArrayLike,
   kq = min(int(k2), num)
   k_nn = max(k1p, kq)
 
-  # 1. Row maxima, neighbour lists and the scaled original q-g distances.
-  out = aligned_empty((num_query, num_gallery), np.float32)
+  # 1. Row maxima, neighbour lists and the original q-g distances.
+  out = _mapped_empty((num_query, num_gallery), np.float32)
   bs = min(block_size, num)
-  row_max, nn, nn_dist = _neighbour_pass(feats_host, num_query, k_nn, bs, out)
+  row_max, nn, nn_dist = rerank_neighbours.neighbour_pass(feats_host, num, num_query, k_nn, bs,
+                                                          out, neighbours_on_host)
 
   # 2. Expanded k-reciprocal sets -> CSR structure (sorted, unique members).
-  nn_dev = jnp.asarray(nn)
-  indptr = np.zeros(num + 1, np.int64)
-  chunks = []
-  for start in range(0, num, bs):
-    stop = min(start + bs, num)
-    rows = _pad_to(np.arange(start, stop, dtype=np.int32), bs)
-    members = np.asarray(_expanded_sets(nn_dev, jnp.asarray(rows), k1p, h1))[:stop - start]
-    members = np.sort(members, axis=1)
-    first = members != num
-    first[:, 1:] &= members[:, 1:] != members[:, :-1]
-    indptr[start + 1:stop + 1] = first.sum(axis=1)
-    chunks.append(members[first])
-  indptr = np.cumsum(indptr)
-  indices = np.concatenate(chunks).astype(np.int32)
-  del chunks, nn_dev
+  members = _expanded_sets(nn, k1p, h1)
+  indptr, indices = members.indptr, members.indices.astype(np.int32)
+  del members
 
   # 3. Weights, row-normalised V, local query expansion.
   row_ids = np.repeat(np.arange(num, dtype=np.int32), np.diff(indptr))
-  dist = _member_distances(feats_host, row_ids, indices, nn, nn_dist, bs)
+  dist = _member_distances(feats_host, row_ids, indices, nn, nn_dist, out)
   del nn_dist
   data = np.exp(-(dist / row_max[row_ids]))
   del dist
@@ -489,33 +385,36 @@ def re_ranking(q_feats: ArrayLike,
     v.data /= np.float32(kq)
   del nn
 
-  # 4. Jaccard distance, blockwise over query rows, combined in place.
+  # 4. Jaccard distance, blockwise over query rows (a few rows per block: the
+  # dense accumulator stays in the cache), combined with the scaled distances:
+  # lambda * d / row max + (1 - lambda) * (1 - s / (2 - s)), where the second
+  # term is written (1 - lambda) * (2 - 2 / (2 - s)).
   v_q = v[:num_query]
   v_g = v[num_query:].tocsc()
   del v
-  col_count = np.diff(v_g.indptr)
-  col_start = v_g.indptr[:-1]
-  cum_pairs = np.concatenate([[0], np.cumsum(col_count[v_q.indices], dtype=np.int64)])
-  rowpairs = cum_pairs[v_q.indptr[1:]] - cum_pairs[v_q.indptr[:-1]]
+  g_count = np.diff(v_g.indptr)[v_q.indices]  # gallery entries per query entry
+  g_start = v_g.indptr[:-1][v_q.indices].astype(np.int64)
+  cum = np.concatenate([[0], np.cumsum(g_count, dtype=np.int64)])
+  entry_row = np.repeat(np.arange(num_query, dtype=np.int64), np.diff(v_q.indptr))
   lam = float(lambda_value)
-  max_rows = max(1, min(block_size, int(max_pairs) // max(num_gallery, 1)))
+  scale = np.float32(lam) / row_max[:num_query]
+  max_rows = min(block_size, max(1, int(max_pairs) // num_gallery),
+                 max(4, _JACCARD_ENTRIES // num_gallery))
+  rowpairs = cum[v_q.indptr[1:]] - cum[v_q.indptr[:-1]]
   for a, b in _jaccard_blocks(rowpairs, max_rows, int(max_pairs)):
     lo, hi = v_q.indptr[a], v_q.indptr[b]
-    ks = v_q.indices[lo:hi]
-    counts = col_count[ks]
-    total = int(counts.sum())
-    local = np.repeat(np.arange(b - a, dtype=np.int64), np.diff(v_q.indptr[a:b + 1]))
-    offsets = np.repeat(col_start[ks] - (np.cumsum(counts) - counts), counts)
-    pos = offsets + np.arange(total)
-    m = np.minimum(np.repeat(v_q.data[lo:hi], counts), v_g.data[pos])
-    flat = np.repeat(local, counts) * num_gallery + v_g.indices[pos]
-    s = np.bincount(flat, weights=m, minlength=(b - a) * num_gallery)
-    # Where s = 0 the Jaccard distance is 1: combine densely in float32 as if
-    # everywhere, then correct the (few) entries with shared neighbours.
+    counts = g_count[lo:hi]
+    pos = np.repeat(g_start[lo:hi] - (cum[lo:hi] - cum[lo]), counts)
+    pos += np.arange(cum[hi] - cum[lo])
+    m = np.repeat(v_q.data[lo:hi], counts)
+    np.minimum(m, v_g.data[pos], out=m)
+    flat = np.repeat((entry_row[lo:hi] - a) * num_gallery, counts)
+    flat += v_g.indices[pos]
+    s = np.bincount(flat, weights=m, minlength=(b - a) * num_gallery).reshape(b - a, -1)
+    np.subtract(2.0, s, out=s)
+    np.divide(-2.0 * (1.0 - lam), s, out=s)
+    s += 2.0 * (1.0 - lam)
     block = out[a:b]
-    block *= np.float32(lam)
-    block += np.float32(1.0 - lam)
-    nz = np.flatnonzero(s)
-    sv = s[nz]
-    block.reshape(-1)[nz] -= ((1.0 - lam) * sv / (2.0 - sv)).astype(np.float32)
+    block *= scale[a:b, None]
+    block += s
   return out

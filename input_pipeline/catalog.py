@@ -9,6 +9,7 @@ from typing import Any
 
 from input_pipeline import base
 from input_pipeline import cuhk03
+from input_pipeline import cuhk03_classic
 from input_pipeline import market
 from input_pipeline import msmt17
 from input_pipeline import partial
@@ -22,6 +23,9 @@ DATASETS: Mapping[str, base.Reader] = {
     'dukemtmcreid': market.read_dukemtmcreid,
     'cuhk03_labeled': cuhk03.read_cuhk03_labeled,
     'cuhk03_detected': cuhk03.read_cuhk03_detected,
+    # The classic splits of the original release: 'cuhk03_classic_labeled' (split 0),
+    # 'cuhk03_classic_labeled_split1' ... '_split19', and the same for 'detected'.
+    **cuhk03_classic.READERS,
     'msmt17': msmt17.read_msmt17,
     'veri776': veri.read_veri776,
     'veriwild_small': veri.read_veriwild_small,
@@ -38,6 +42,8 @@ SPECS: Mapping[str, base.DatasetSpec] = {
     'dukemtmcreid': market.DUKEMTMC,
     'cuhk03_labeled': cuhk03.SPECS['labeled'],
     'cuhk03_detected': cuhk03.SPECS['detected'],
+    **{name: cuhk03_classic.SPECS[variant]
+       for name, (variant, _) in cuhk03_classic.SPLITS.items()},
     'msmt17': msmt17.MSMT17,
     'veri776': veri.VERI776,
     'veriwild_small': veri.VERIWILD,
@@ -71,9 +77,11 @@ def get_reader(name: str) -> base.Reader:
   try:
     return DATASETS[name]
   except KeyError:
+    shown = sorted(n for n in DATASETS if cuhk03_classic.SPLITS.get(n, ('', 0))[1] == 0)
     raise DatasetError(
-        f'Unknown dataset {name!r}; known datasets: '
-        f'{", ".join(sorted(DATASETS))}.') from None
+        f'Unknown dataset {name!r}; known datasets: {", ".join(shown)} (and '
+        f'cuhk03_classic_<variant>_split<k>, k = 1..{cuhk03_classic.NUM_SPLITS - 1}, '
+        'the other classic CUHK03 splits).') from None
 
 
 def load_dataset(name: str, root: str, /, **kwargs: Any) -> ReIDDataset:

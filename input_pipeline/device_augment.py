@@ -62,7 +62,16 @@ patterns (256 normalised grey levels computed with numpy at trace time, then
 the fill), indexed by the grey level or by 256 inside the erased box (the
 outer product of a row and a column mask): exact, and XLA fuses the whole
 augmentation into a single elementwise pass. On TPU the normalisation is
-float32 arithmetic instead (see `_normalize_erase`).
+float32 arithmetic instead (see `_normalize_erase`). `augment` puts an
+optimization barrier between the parameters and the pixel pass: without it XLA
+fuses the parameters' arithmetic into that pass and recomputes it per element
+(XLA:CPU keeps the barrier until fusion only with `reid_jax.cpu_tuning`'s flags,
+which `reid_jax.main` sets; without them the result is the same, only slower).
+Measured on XLA:CPU (one thread, 2 x 256x128 uint8 -> float32): ~0.5 ns per
+output element, against ~0.2 ns for a bare uint8 -> float32 conversion: the
+table lookup is a scalar load per element (XLA emits no vector gather), and
+exact division-based arithmetic is not available (XLA turns a division by a
+constant into a multiplication by its reciprocal).
 """
 
 from collections.abc import Sequence
@@ -443,7 +452,12 @@ def augment(images: jax.Array, keys: jax.Array, cfg: AugmentConfig,
   if keys.shape != images.shape[:1]:
     raise ValueError(f'keys must have shape ({images.shape[0]},) (one per '
                      f'image), got {keys.shape}.')
-  return apply_params(images, sample_params(keys, cfg), cfg, dtype)
+  # The barrier makes XLA compute the few parameters per image once, in their own
+  # small kernels, instead of fusing their arithmetic (remainders, selects) into the
+  # per-element loop, where it was redone for every element (see the module
+  # docstring, Performance).
+  params = jax.lax.optimization_barrier(sample_params(keys, cfg))
+  return apply_params(images, params, cfg, dtype)
 
 
 def normalize(images: jax.Array, pixel_mean: Sequence[float],

@@ -146,12 +146,18 @@ def read_folder(root: str, *, train_dir: str | None = 'bounding_box_train',
                 verify: bool = False, num_threads: int = 8) -> ReIDDataset:
   """Reads any folder tree whose file names follow `PID_cCAM...`.
 
+  The catalog's 'folder' dataset, and the multi-GPU variant's only reader (its
+  `init_dataset`: DATA_PATH with TRAIN_PATH, QUERY_PATH, GALLERY_PATH and the
+  pattern `FOLDER_PATTERN`); a run passes `config.data_dir` as `root` and
+  `config.folder` as the split folders and pattern (see configs/default.py).
+
   Args:
     root: the folder holding the three split folders.
     train_dir: train sub-folder name; None or '' for a test-only set.
-    query_dir: query sub-folder name.
+    query_dir: query sub-folder name (relative to `root`; '..' allowed).
     gallery_dir: gallery sub-folder name.
-    pattern: regex on the file name; group 1 pid, group 2 camera.
+    pattern: regex searched in the file name; group 1 pid (-1: junk, dropped),
+      group 2 camera.
     cam_base: number of the first camera in the names (1 for c1, 0 for c0).
     recursive: also read images in sub-folders of the split folders.
     name: name stored in the dataset.
@@ -169,7 +175,8 @@ def read_folder(root: str, *, train_dir: str | None = 'bounding_box_train',
   spec = base.DatasetSpec(
       title=f'folder dataset {name!r}',
       layout=f'ROOT/\n{tree}\n(file names matching "{pattern}")',
-      source='your own data (any Market-style folder tree)')
+      source=('your own data (any Market-style folder tree): ROOT is config.data_dir, '
+              'the folders and the pattern config.folder.*'))
   return read_market_style(
       root, name=name, spec=spec, train_dir=train_dir, query_dir=query_dir,
       gallery_dir=gallery_dir, pattern=pattern, cam_base=cam_base,

@@ -32,7 +32,8 @@ How the stream is built:
     marks the first occurrence of every image in the stream; only those are
     decoded, written into one uint8 (N, H, W, 3) array, and every batch is a
     gather from that array (`np.take`), so from the second epoch the host's
-    work per image is a memory copy.
+    work per image is a memory copy, into reused 64-byte aligned buffers
+    (`prefetch.HostBuffers`: no page faults, and CPU devices use them in place).
 
 Image sources: by default a record's `path` is a file read with
 `tf.io.read_file` and decoded by `decode_image` (JPEG bit-exact with PIL; PNG,
@@ -42,7 +43,8 @@ tf.data graph with the record's path (tf.string) and its index in `records`
 (tf.int64); `in_memory_loader(encoded)` builds one from encoded images.
 
 `prefetch_to_device` (from `input_pipeline.prefetch`) moves host batches onto
-the local devices in a background thread, ahead of the step.
+the local devices in a background thread, ahead of the step; the training loop
+sends only `TRAIN_DEVICE_KEYS` ('index' stays on the host).
 """
 
 from collections.abc import Callable, Sequence
@@ -56,6 +58,7 @@ import tensorflow as tf
 
 from input_pipeline import sampler as sampler_lib
 from input_pipeline import transforms
+from input_pipeline.prefetch import HostBuffers
 from input_pipeline.prefetch import prefetch_to_device  # pylint: disable=unused-import
 from input_pipeline.records import Record
 
@@ -308,6 +311,11 @@ class _Planner:
     return epochs.map(plan).prefetch(1).unbatch()
 
 
+# The entries of a training batch that the train step reads (what goes to the devices);
+# 'index' (each image's record index) stays on the host, for tests and error reports.
+TRAIN_DEVICE_KEYS = ('image', 'label', 'epoch', 'position')
+
+
 class TrainStream:
   """Iterator of training batches for this process (see `create_train_stream`).
 
@@ -325,6 +333,7 @@ class TrainStream:
     self._devices = num_local_devices
     self._array = (np.empty((num_records,) + image_size + (3,), np.uint8)
                    if cache.mode == 'host' else None)
+    self._buffers = HostBuffers()
 
   def __iter__(self) -> 'TrainStream':
     return self
@@ -332,16 +341,21 @@ class TrainStream:
   def __next__(self) -> dict[str, np.ndarray]:
     step = next(self._iterator)
     layout = lambda x: x.reshape((self._devices, -1) + x.shape[1:])
+    index = layout(step['index'])
     if self._array is None:
       image = layout(step['image'])
     else:
       num_new = int(step['num_new'])
       if num_new:
         self._array[step['new'][:num_new]] = step['image']
-      image = np.take(self._array, layout(step['index']), axis=0)
+      # Into a buffer nothing else refers to (the devices may still read earlier
+      # batches), 64-byte aligned so that CPU devices use it in place; mode='clip'
+      # (the indices are valid) keeps np.take from buffering its output.
+      image = self._buffers.empty(index.shape + self._array.shape[1:], np.uint8)
+      np.take(self._array, index, axis=0, out=image, mode='clip')
     return {'image': image, 'label': layout(step['label']),
             'epoch': layout(step['epoch']), 'position': layout(step['position']),
-            'index': layout(step['index'].astype(np.int32))}
+            'index': index.astype(np.int32)}
 
 
 def create_train_stream(records: Sequence[Record],
@@ -378,8 +392,9 @@ def create_train_stream(records: Sequence[Record],
   Returns:
     a TrainStream (an iterator) of dicts {'image': uint8 (D, b, H, W, 3),
     'label', 'epoch', 'position', 'index': int32 (D, b)} ('index': the record
-    index), b = config.batch_size / (process_count * D); `.cache` says whether
-    the host cache is used and its size.
+    index, for the host: the train step reads `TRAIN_DEVICE_KEYS`), b =
+    config.batch_size / (process_count * D); `.cache` says whether the host
+    cache is used and its size.
 
   Raises:
     ValueError: for an invalid step range, cache mode, sampler or layout.

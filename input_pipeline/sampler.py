@@ -52,7 +52,11 @@ class RandomIdentitySampler:
     num_instances: K, images per identity in a batch.
     num_pids_per_batch: P.
     num_shards: number of devices the global batch is split over; every
-      device's slice holds P / num_shards whole identities.
+      device gets batch_size / num_shards consecutive indices of each batch (P /
+      num_shards whole identities when num_shards divides P; otherwise an
+      identity's K images span devices, which is fine because triplets are mined
+      over the gathered global batch: `config_lib.validate` decides which layouts
+      a run may use).
     steps_per_epoch: batches in every epoch.
   """
 
@@ -74,8 +78,8 @@ class RandomIdentitySampler:
         is split over.
 
     Raises:
-      ValueError: if the batch size is not a multiple of K, P is not a multiple
-        of num_shards, or there are fewer identities than P.
+      ValueError: if the batch size is not a multiple of K or of num_shards (every
+        device gets an equal share), or there are fewer identities than P.
     """
     if num_instances <= 0 or batch_size <= 0:
       raise ValueError(
@@ -87,12 +91,11 @@ class RandomIdentitySampler:
           f'config.num_instances ({num_instances}): a batch is P identities '
           'x K images.')
     num_pids_per_batch = batch_size // num_instances
-    if num_shards <= 0 or num_pids_per_batch % num_shards:
+    if num_shards <= 0 or batch_size % num_shards:
       raise ValueError(
-          f'P = config.batch_size // config.num_instances = {batch_size} // '
-          f'{num_instances} = {num_pids_per_batch} identities per batch must be '
-          f'a multiple of the number of devices ({num_shards}) so that every '
-          'device gets whole identities.')
+          f'config.batch_size ({batch_size}) must be a multiple of the number of '
+          f'devices ({num_shards}) so that every device gets an equal share of the '
+          'batch.')
     self.batch_size = batch_size
     self.num_instances = num_instances
     self.num_pids_per_batch = num_pids_per_batch

@@ -38,7 +38,9 @@ import numpy as np
 from PIL import Image
 
 from input_pipeline import synthetic_render
-from input_pipeline.synthetic_render import Job, render, sample_cameras, sample_identities
+from input_pipeline import synthetic_sampling
+from input_pipeline.synthetic_render import Job, render
+from input_pipeline.synthetic_sampling import sample_cameras, sample_identities
 
 TRAIN_DIR = 'bounding_box_train'
 QUERY_DIR = 'query'
@@ -57,7 +59,7 @@ def _params_key(params: dict[str, Any]) -> dict[str, Any]:
     A dict; a dataset is reused only when its stamp is equal.
   """
   digest = hashlib.sha256()
-  for source in (__file__, synthetic_render.__file__):
+  for source in (__file__, synthetic_sampling.__file__, synthetic_render.__file__):
     with open(source, 'rb') as f:
       digest.update(f.read())
   code_hash = digest.hexdigest()[:16]

@@ -23,11 +23,18 @@ Faults:
 - A folder that is not a reid_jax checkpoint raises `NotAReidCheckpointError`; one
   written for another model raises `CheckpointMismatchError` naming the arrays.
 
+Several processes (`jax.distributed`): every process calls `save` and `restore` at
+the same steps; the state is saved as jax.Arrays replicated over all devices, which
+orbax writes with every process taking part and every process reads back
+(`_to_saved_tree`). The workdir must then be on a filesystem shared by all hosts
+(`reid_jax.multihost.check_shared_workdir` checks it at start-up).
+
 Workdirs are local or shared (NFS-like) filesystems; cloud buckets are not
 supported here. `reid_jax.workdir` keeps the lock and config files beside.
 """
 
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -71,9 +78,12 @@ def _drop_read_only_notice(record: logging.LogRecord) -> bool:
 class CheckpointManager(ocp.CheckpointManager):
   """orbax's manager, for one TrainState, that reports failed saves clearly.
 
-  It remembers the step whose asynchronous save is in flight so that
-  `check_errors` can surface a failure as soon as the background write ends, and
-  turns any failure into a `CheckpointSaveError` with the path and free space.
+  Before writing, it checks that the filesystem has at least the state's size free
+  (after the previous save has finished), so that a full disk stops the run at the
+  step that saves, before anything is written. It remembers the step whose
+  asynchronous save is in flight so that `check_errors` can surface any other failure
+  as soon as the background write ends, and turns every failure into a
+  `CheckpointSaveError` with the path and free space.
   """
 
   def __init__(self, directory: str, options: ocp.CheckpointManagerOptions,
@@ -90,7 +100,9 @@ class CheckpointManager(ocp.CheckpointManager):
     self._pending_step: Optional[int] = None
 
   def save(self, step: int, *args, **kwargs) -> bool:  # pylint: disable=signature-differs
+    self.wait_until_finished()  # as orbax's save does first: the space is then known
     try:
+      _check_free_space(str(self.directory), step, kwargs.get('args'))
       saved = super().save(step, *args, **kwargs)
     except CheckpointSaveError:
       raise
@@ -120,15 +132,40 @@ class CheckpointManager(ocp.CheckpointManager):
       self.wait_until_finished()
 
 
-def _free_space(directory: str) -> str:
+def _disk_usage(directory: str) -> Any:
+  """`shutil.disk_usage` of the nearest existing folder (raises OSError)."""
   path = directory
   while path and not os.path.exists(path):
     path = os.path.dirname(path)
+  return shutil.disk_usage(path)
+
+
+def _free_space(directory: str) -> str:
   try:
-    usage = shutil.disk_usage(path)
+    usage = _disk_usage(directory)
   except OSError as e:
     return f'unknown ({e})'
   return f'{_size(usage.free)} free of {_size(usage.total)}'
+
+
+def _check_free_space(directory: str, step: int, args: Any) -> None:
+  """Raises OSError(ENOSPC) when `directory` has less free space than the arrays.
+
+  The arrays' size is a lower bound of what orbax writes (it adds metadata), so a
+  save that passes can still run out of space; `check_errors` reports that. All
+  processes agree (one collective) so that none starts a save the others refuse.
+  """
+  need = sum(int(getattr(x, 'nbytes', 0))
+             for x in jax.tree.leaves(getattr(args, 'item', None)))
+  try:
+    free = _disk_usage(directory).free
+  except OSError:
+    free = None  # unknown: let the write try
+  if _all_processes(free is None or free >= need):
+    return
+  raise OSError(errno.ENOSPC, f'Not enough free space for checkpoint step {step}: its '
+                f'arrays need {_size(need)}, the filesystem has {_size(free or 0)} free',
+                directory)
 
 
 def _size(num_bytes: int) -> str:
@@ -317,6 +354,37 @@ def _to_numpy_state_dict(state: Any) -> dict:
   return jax.tree.map(np.asarray, jax.device_get(flax.serialization.to_state_dict(state)))
 
 
+def _global_replicated() -> jax.sharding.NamedSharding:
+  """A sharding replicating an array over every device of every process."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('replica',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _to_saved_tree(state: Any) -> dict:
+  """What is saved: the numpy state dict; with several processes, global arrays.
+
+  One process: numpy arrays. Several (`jax.distributed`): every leaf becomes a
+  jax.Array replicated over all the devices of all processes (the state is the same
+  on every process), so orbax's multi-host array handler writes it with every
+  process taking part (replica-parallel: each writes a slice) and every process
+  restores it (`_restore_target`). Both kinds restore into either kind of run.
+  """
+  tree = _to_numpy_state_dict(state)
+  if jax.process_count() == 1:
+    return tree
+  sharding = _global_replicated()
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def _restore_target(target: dict) -> dict:
+  """The restore target for `target` (numpy; abstract global arrays on several processes)."""
+  if jax.process_count() == 1:
+    return target
+  sharding = _global_replicated()
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      target)
+
+
 def save(manager: CheckpointManager, state: Any, wait: bool = False) -> int:
   """Saves `state` under its step number (asynchronously unless `wait`).
 
@@ -333,7 +401,7 @@ def save(manager: CheckpointManager, state: Any, wait: bool = False) -> int:
   """
   step = int(jax.device_get(state.step))
   if step not in manager.all_steps():
-    manager.save(step, args=ocp.args.StandardSave(_to_numpy_state_dict(state)),
+    manager.save(step, args=ocp.args.StandardSave(_to_saved_tree(state)),
                  custom_metadata=dict(_MARKER), force=True)
   if wait:
     manager.wait_until_finished()
@@ -364,7 +432,7 @@ def save_best(manager: CheckpointManager, state: Any, metrics: Mapping[str, Any]
     return False
   numbers = {k: float(v) for k, v in metrics.items()
              if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
-  manager.save(step, args=ocp.args.StandardSave(_to_numpy_state_dict(state)),
+  manager.save(step, args=ocp.args.StandardSave(_to_saved_tree(state)),
                metrics=numbers, custom_metadata=dict(_MARKER), force=True)
   logging.info('New best %s %.4f at step %d: saving it in %s.', metric, value, step,
                manager.directory)
@@ -437,7 +505,7 @@ def _restore_step(manager: CheckpointManager, step: int, state: Any) -> Any:
   if isinstance(tree, Mapping):
     _check_compatible(target, tree, source)
   try:
-    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    restored = manager.restore(step, args=ocp.args.StandardRestore(_restore_target(target)))
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise CheckpointCorruptError(_short(e)) from e
   _check_compatible(target, restored, source)

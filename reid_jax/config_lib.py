@@ -1,17 +1,20 @@
 """Start-up checks of a config against the devices, and the values derived from it."""
 
+import copy
+import logging
+
 import ml_collections
 
+from eval import distance as distance_lib
+from input_pipeline import base
 from input_pipeline import data_source
 from reid_jax import convert
+from reid_jax import evaluate as evaluate_lib
 from reid_jax import models
 
 MODEL_NAMES = models.MODEL_NAMES  # owned by the models (and reid_jax.backbones)
 LOSS_TYPES = ('softmax', 'triplet', 'softmax_triplet', 'softmax_triplet_center')
 SAMPLERS = ('pk', 'shuffle')
-NECKS = ('bnneck', 'no')
-NECK_FEATS = ('after', 'before')
-POOLINGS = ('avg', 'gem')
 
 
 class ConfigError(ValueError):
@@ -35,20 +38,70 @@ def uses_center_loss(config: ml_collections.ConfigDict) -> bool:
   return config.loss.type.endswith('center')
 
 
+def resolve_reference_gpus(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Turns the variant's per-GPU batch semantics into global values, in place.
+
+  With `config.num_reference_gpus = N > 0` (the multi-GPU variant,
+  DTennant/reid_baseline_with_syncbn, on N GPUs: its `make_dataloader` draws
+  IMS_PER_BATCH * N images with NUM_INSTANCE * N per identity and tests in batches of
+  TEST.IMS_PER_BATCH * N; its `make_optimizer` gives weights BASE_LR * N and biases
+  BASE_LR * BIAS_LR_FACTOR), the config becomes: batch_size * N, num_instances * N (P
+  unchanged), test.batch_size * N, optim.base_lr * N (the weights' lr) and
+  optim.bias_lr_factor / N (so that biases keep base_lr * bias_lr_factor),
+  identities_may_span_devices = True (on more devices than P an identity's K images
+  span several of them), and num_reference_gpus = 0: resolving again changes nothing,
+  and the recorded config reruns the same training. N = 0 leaves the config as it is.
+
+  Args:
+    config: the run's config; changed in place when num_reference_gpus > 0.
+
+  Returns:
+    The same config, now with the global values everything else reads.
+
+  Raises:
+    ConfigError: num_reference_gpus is not a non-negative integer.
+  """
+  n = config.get('num_reference_gpus', 0)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ConfigError(f'config.num_reference_gpus={n!r} must be 0 (off) or the number '
+                      'of GPUs of the multi-GPU variant run to reproduce.')
+  if not n:
+    return config
+  before = (config.batch_size, config.num_instances, config.test.batch_size,
+            config.optim.base_lr, config.optim.base_lr * config.optim.bias_lr_factor)
+  config.batch_size = config.batch_size * n
+  config.num_instances = config.num_instances * n
+  config.test.batch_size = config.test.batch_size * n
+  config.optim.base_lr = float(config.optim.base_lr) * n
+  config.optim.bias_lr_factor = float(config.optim.bias_lr_factor) / n
+  config.identities_may_span_devices = True
+  config.num_reference_gpus = 0
+  logging.info(
+      'config.num_reference_gpus=%d (per-GPU batch semantics): global batch %d -> %d, '
+      'K %d -> %d, test batch %d -> %d, weights lr %g -> %g, biases lr %g (unscaled).',
+      n, before[0], config.batch_size, before[1], config.num_instances, before[2],
+      config.test.batch_size, before[3], config.optim.base_lr, before[4])
+  return config
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks a config before anything is built.
 
   Args:
-    config: the run's config (configs/default.py lists the fields).
+    config: the run's config (configs/default.py lists the fields); with
+      num_reference_gpus > 0 the global values of `resolve_reference_gpus` (on a
+      copy) are checked.
     num_devices: the number of devices the global batch is split over.
 
   Raises:
     ConfigError: naming the field that is wrong and what was expected.
   """
+  if config.get('num_reference_gpus', 0):
+    config = resolve_reference_gpus(copy.deepcopy(config))
   _choice(config, 'model.name', MODEL_NAMES)
-  _choice(config, 'model.neck', NECKS)
-  _choice(config, 'model.neck_feat', NECK_FEATS)
-  _choice(config, 'model.pooling', POOLINGS)
+  _choice(config, 'model.neck', models.NECKS)
+  _choice(config, 'model.neck_feat', models.NECK_FEATS)
+  _choice(config, 'model.pooling', models.POOLINGS)
   _choice(config, 'loss.type', LOSS_TYPES)
   _choice(config, 'sampler', SAMPLERS)
   _choice(config, 'data_format', data_source.DATA_FORMATS)
@@ -76,11 +129,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
           f'config.batch_size={config.batch_size} must be P * K with '
           f'K = config.num_instances={k} >= 2 images per identity.')
     p = num_identities_per_batch(config)
-    if p % num_devices:
+    if p % num_devices and not config.get('identities_may_span_devices', False):
       raise ConfigError(
           f'P = config.batch_size / config.num_instances = {p} identities per batch must '
           f'be a multiple of the {num_devices} devices, so each device holds whole '
-          'identities.')
+          'identities (or set config.identities_may_span_devices=True: triplets are '
+          'mined over the global batch, so identities may span devices).')
   if config.num_epochs <= 0:
     raise ConfigError(f'config.num_epochs={config.num_epochs} must be positive.')
   for field in ('log_every_steps', 'checkpoint_every_epochs', 'eval_every_epochs',
@@ -106,3 +160,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.profile_steps < 0:
     raise ConfigError(f'config.profile_steps={config.profile_steps} must be 0 (off) or '
                       'positive.')
+  _validate_test(config)
+
+
+def _validate_test(config: ml_collections.ConfigDict) -> None:
+  """The evaluation fields (config.test.*, config.test_datasets)."""
+  _choice(config, 'test.distance', distance_lib.DISTANCES)
+  _choice(config, 'test.protocol', evaluate_lib.PROTOCOLS)
+  test = config.test
+  if test.max_rank < 1:
+    raise ConfigError(f'config.test.max_rank={test.max_rank} must be positive.')
+  ranks = tuple(test.cmc_ranks)
+  if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
+    raise ConfigError(f'config.test.cmc_ranks={ranks} must be positive integers, at '
+                      'least one.')
+  if test.aqe and (test.aqe_times < 1 or test.aqe_k < 1):
+    raise ConfigError(f'config.test.aqe_times={test.aqe_times} and config.test.aqe_k='
+                      f'{test.aqe_k} must be positive with config.test.aqe=True.')
+  if not test.max_dense_gb > 0:
+    raise ConfigError(f'config.test.max_dense_gb={test.max_dense_gb} must be positive.')
+  try:
+    data_source.parse_test_datasets(config)
+  except base.DatasetError as e:
+    raise ConfigError(str(e)) from None

@@ -1,8 +1,13 @@
-"""Evaluation of a model: feature extraction under pmap, metrics, re-ranking, reports.
+"""Evaluation of a model: feature extraction under pmap, scoring, reports, results.
 
 Features are embedded on the devices in padded batches (a mask marks the padding, so
-every query and gallery image is counted exactly once) and scored on the host with
-`eval.metrics` and `eval.rerank`, as big_vision does.
+every query and gallery image is counted exactly once); with several processes each
+embeds its share and the rows are gathered once (`multihost_eval.gather_rows`). The
+features are scored by `reid_jax.scoring` (streamed CMC, mAP, mINP, TPR@FPR; dense
+re-ranking and CUHK03 protocol within `config.test.max_dense_gb`; across processes,
+the ranking shared out by query blocks and the rest on process 0). Each test set of
+`config.test_datasets` is evaluated and logged under its label; `eval_results.json`
+and the reports are written by process 0 only.
 """
 
 import collections
@@ -16,13 +21,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from eval import distance as distance_lib
 from eval import metrics as metrics_lib
 from eval import report as report_lib
-from eval import rerank as rerank_lib
+from input_pipeline import cuhk03_classic
 from input_pipeline import data_source
+from input_pipeline import image_check
 from input_pipeline import pipeline
 from input_pipeline.records import ReIDDataset, Record
+from reid_jax import multihost_eval
+from reid_jax import scoring
+# Re-exported: the scoring API of the evaluation (reid_jax.scoring owns it).
+from reid_jax.scoring import check_dense_memory, prepare_features, score  # pylint: disable=unused-import
+
+# config.test.protocol: 'auto' resolves per test set (see `resolve_protocol`).
+PROTOCOLS = ('auto',) + metrics_lib.PROTOCOLS
 
 # Evaluation batches dispatched before the oldest one is fetched.
 _EVAL_BATCHES_IN_FLIGHT = 4
@@ -48,7 +60,13 @@ def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record
     log_every_secs: seconds between progress lines.
 
   Returns:
-    float32 features (len(records), D) in the order of `records`.
+    float32 features (len(records), D) in the order of `records`. With several
+    processes each embeds its share and the rows are gathered once
+    (`multihost_eval.gather_rows`): every process returns all of them.
+
+  Raises:
+    image_check.UndecodableImageError: naming the images that do not decode.
+    RuntimeError: an image embedded by no process, or by several.
   """
   num_local = jax.local_device_count()
   ds = pipeline.create_eval_dataset(records, config, num_local_devices=num_local,
@@ -56,7 +74,7 @@ def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record
                                     process_count=jax.process_count(),
                                     load_image=load_image)
   feats = None
-  seen = np.zeros(len(records), bool)
+  mine = []  # the rows this process embedded
   pending: collections.deque = collections.deque()
   start = last_log = time.time()
   done = 0
@@ -65,15 +83,17 @@ def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record
     nonlocal feats, done
     out = np.asarray(jax.device_get(out))
     out = out.reshape(-1, out.shape[-1])[mask]
-    if feats is None:
+    if feats is None:  # every process sees a first batch (padding included)
       feats = np.zeros((len(records), out.shape[-1]), np.float32)
     feats[index[mask]] = out
-    seen[index[mask]] = True
+    mine.append(index[mask])
     done += int(mask.sum())
 
   mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('batch',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
-  for batch in ds.as_numpy_iterator():  # tf.data prefetches on the host
+  # tf.data prefetches on the host; an image that does not decode is named.
+  for batch in image_check.eval_batches(ds.as_numpy_iterator(), records, config,
+                                        load_image):
     # Asynchronous transfer and dispatch: only the image goes to the devices.
     image = jax.device_put(batch['image'], sharding)
     out = p_eval_step(state, {'image': image})
@@ -86,129 +106,184 @@ def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record
                    done / (last_log - start))
   while pending:
     collect(*pending.popleft())
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    feats = np.asarray(multihost_utils.process_allgather(feats)).sum(0)
-    seen = np.asarray(multihost_utils.process_allgather(seen)).any(0)
-  if feats is None or not seen.all():
-    raise RuntimeError(f'Feature extraction missed {int((~seen).sum())} of {len(records)} '
-                       'images; every image must be embedded exactly once.')
+  if feats is None:
+    raise RuntimeError(f'Feature extraction produced no batch for {len(records)} images.')
+  # Several processes: the others' rows, each sent once by the process that embedded it.
+  sent = multihost_eval.gather_rows(feats, np.concatenate(mine))
+  if np.any(sent != 1):
+    raise RuntimeError(f'Feature extraction missed {int((sent == 0).sum())} and repeated '
+                       f'{int((sent > 1).sum())} of {len(records)} images; every image '
+                       'must be embedded exactly once.')
   return feats
 
 
-def score(q_feats: np.ndarray, g_feats: np.ndarray, query: Sequence[Record],
-          gallery: Sequence[Record], test_config: ml_collections.ConfigDict
-          ) -> tuple[dict, dict]:
-  """CMC, mAP and mINP (and the same after re-ranking when test_config.rerank).
+def resolve_protocol(setting: str, dataset_name: str) -> str:
+  """The metric protocol of a test set: `config.test.protocol` with 'auto' resolved.
+
+  'auto' is the CUHK03 single-gallery-shot protocol for the catalog's classic CUHK03
+  splits (`input_pipeline.cuhk03_classic.PROTOCOL_NAMES`) and the Market protocol for
+  everything else, CUHK03-NP ('cuhk03_labeled', 'cuhk03_detected') included, as its
+  authors evaluate it. Other data gets the CUHK03 protocol explicitly ('cuhk03').
 
   Args:
-    q_feats: query features (Q, D).
-    g_feats: gallery features (G, D).
-    query: query records (pids and camids).
-    gallery: gallery records.
-    test_config: config.test.
+    setting: one of PROTOCOLS.
+    dataset_name: `ReIDDataset.name` of the test set.
 
   Returns:
-    (results, arrays): results maps names to floats (rank1, rank5, rank10, mAP, mINP,
-    and rerank_* when re-ranking); arrays holds 'cmc' and 'distmat' for the reports.
+    One of `eval.metrics.PROTOCOLS`.
   """
-  if not np.all(np.isfinite(q_feats)) or not np.all(np.isfinite(g_feats)):
-    raise FloatingPointError('Features contain NaN or inf: the model diverged or the '
-                             'checkpoint is corrupt.')
-  if test_config.feat_norm:
-    q_feats = np.asarray(distance_lib.l2_normalize(q_feats))
-    g_feats = np.asarray(distance_lib.l2_normalize(g_feats))
-  q_pids = np.array([r.pid for r in query])
-  g_pids = np.array([r.pid for r in gallery])
-  q_cams = np.array([r.camid for r in query])
-  g_cams = np.array([r.camid for r in gallery])
-  distmat = np.asarray(distance_lib.euclidean_distance(q_feats, g_feats))
-  cmc, m_ap, m_inp = metrics_lib.evaluate(distmat, q_pids, g_pids, q_cams, g_cams,
-                                          max_rank=test_config.max_rank)
-  results = _summary(cmc, m_ap, m_inp)
-  arrays = {'cmc': cmc, 'distmat': distmat}
-  if test_config.rerank:
-    start = time.time()
-    rr = np.asarray(rerank_lib.re_ranking(q_feats, g_feats, k1=test_config.k1,
-                                          k2=test_config.k2,
-                                          lambda_value=test_config.lambda_value))
-    cmc_rr, map_rr, minp_rr = metrics_lib.evaluate(rr, q_pids, g_pids, q_cams, g_cams,
-                                                   max_rank=test_config.max_rank)
-    results.update({f'rerank_{k}': v for k, v in _summary(cmc_rr, map_rr, minp_rr).items()})
-    results['rerank_seconds'] = time.time() - start
-    arrays['cmc_rerank'] = cmc_rr
-  return results, arrays
+  if setting != 'auto':
+    return setting
+  return 'cuhk03' if dataset_name in cuhk03_classic.PROTOCOL_NAMES else 'market'
 
 
-def _summary(cmc: np.ndarray, m_ap: float, m_inp: float) -> dict:
-  out = {f'rank{r}': float(cmc[r - 1]) for r in (1, 5, 10) if r <= len(cmc)}
-  out.update(mAP=float(m_ap), mINP=float(m_inp))
-  return out
+def check_test_sets(sources: Sequence[data_source.DataSource],
+                    config: ml_collections.ConfigDict, dim: int) -> None:
+  """`check_dense_memory` for every test set, at start-up (before any training)."""
+  for source in sources:
+    scoring.check_dense_memory(
+        len(source.dataset.query), len(source.dataset.gallery), dim, config.test,
+        resolve_protocol(config.test.protocol, source.dataset.name), _label(source))
+
+
+def _rank_keys(results: dict, prefix: str) -> list[int]:
+  ranks = [k[len(prefix) + 4:] for k in results if k.startswith(prefix + 'rank')]
+  return sorted(int(r) for r in ranks if r.isdigit())
 
 
 def format_results(results: dict) -> str:
-  """One human-readable block of the metrics, as the baseline logs them."""
+  """Human-readable blocks of the metrics, as the baseline logs them (one per test set)."""
+  sets = results.get('test_sets') or {'': results}
   lines = []
-  for prefix, title in (('', 'Results'), ('rerank_', 'Results with re-ranking')):
-    if f'{prefix}mAP' not in results:
-      continue
-    lines.append(f'{title}:')
-    lines.append(f'  mAP: {results[prefix + "mAP"]:.1%}   mINP: {results[prefix + "mINP"]:.1%}')
-    for r in (1, 5, 10):
-      if f'{prefix}rank{r}' in results:
-        lines.append(f'  CMC curve, Rank-{r:<3}: {results[prefix + f"rank{r}"]:.1%}')
+  for name, res in sets.items():
+    on = f' on {name}' if len(sets) > 1 else ''
+    for prefix, title in (('', 'Results'), ('rerank_', 'Results with re-ranking')):
+      if f'{prefix}mAP' not in res:
+        continue
+      lines.append(f'{title}{on}:')
+      lines.append(f'  mAP: {res[prefix + "mAP"]:.1%}   mINP: {res[prefix + "mINP"]:.1%}')
+      for r in _rank_keys(res, prefix):
+        lines.append(f'  CMC curve, Rank-{r:<3}: {res[prefix + f"rank{r}"]:.1%}')
+      for key in sorted(k for k in res if k.startswith(prefix + 'TPR@FPR=')):
+        lines.append(f'  {key[len(prefix):]}: {res[key]:.1%}')
   return '\n'.join(lines)
 
 
-def run_evaluation(p_eval_step: Callable, state: Any, source: data_source.DataSource,
+def summary_scalars(results: dict) -> dict[str, float]:
+  """TensorBoard scalars of `run_evaluation`'s results.
+
+  One test set: 'eval/<metric>'; several: 'eval/<label>/<metric>' for each.
+  """
+  sets = results.get('test_sets') or {'': results}
+  out = {}
+  for name, res in sets.items():
+    prefix = 'eval/' if len(sets) == 1 else f'eval/{name}/'
+    out.update({prefix + k: v for k, v in res.items() if isinstance(v, float)})
+  return out
+
+
+def _label(source: data_source.DataSource) -> str:
+  return source.label or source.dataset.name
+
+
+def run_evaluation(p_eval_step: Callable, state: Any,
+                   sources: data_source.DataSource | Sequence[data_source.DataSource],
                    config: ml_collections.ConfigDict, workdir: str,
                    write_reports: bool = True) -> dict:
-  """Embeds query and gallery, scores them, writes JSON and pictures to the workdir.
+  """Evaluates every test set; writes the JSON and the pictures to the workdir.
+
+  Each set's features are extracted (progress logged), scored
+  (`scoring.score_on_processes`: on one process or shared out across processes) and
+  logged under its label. `eval_results.json` holds a section per set under 'test_sets' and,
+  at the top level, the first set's results (its label under 'test_set'): the first
+  listed set's mAP is the run's mAP (best checkpoint, TensorBoard 'eval/mAP' with one
+  set). Reports: `worst_queries.png` and `cmc.png` in the workdir with one test set,
+  in `WORKDIR/eval/<label>/` with several.
 
   Args:
     p_eval_step: pmapped `train_step.eval_step`.
-    state: the train state.
-    source: the test data: its dataset's query and gallery are scored.
+    state: the train state, on the devices.
+    sources: the test sets (`data_source.load_train_test`), or one of them.
     config: the run's config.
-    workdir: where `eval_results.json`, `worst_queries.png` and `cmc.png` go.
+    workdir: where `eval_results.json` and the reports go.
     write_reports: draw the PNG reports (process 0 only).
 
   Returns:
-    The results dict (see `score`) with the step.
+    {'step', 'eval_seconds', 'test_set', 'test_sets': {label: results}} and the first
+    set's results (see `score`) at the top level; the same on every process (only
+    process 0 writes `eval_results.json` and the reports).
   """
+  if isinstance(sources, data_source.DataSource):
+    sources = [sources]
   start = time.time()
-  test_set = source.dataset
-  feats = extract_features(p_eval_step, state, list(test_set.query) + list(test_set.gallery),
-                           config, source.load_test_image)
-  num_q = len(test_set.query)
-  results, arrays = score(feats[:num_q], feats[num_q:], test_set.query, test_set.gallery,
-                          config.test)
-  results['step'] = int(jax.device_get(state.step))
-  results['eval_seconds'] = time.time() - start
+  step = int(jax.device_get(state.step))
+  sections = {}
+  for source in sources:
+    sections[_label(source)] = _evaluate_one(p_eval_step, state, source, config, workdir,
+                                             step, several=len(sources) > 1,
+                                             write_reports=write_reports)
+  first = next(iter(sections))
+  results = dict(sections[first], step=step, eval_seconds=time.time() - start,
+                 test_set=first, test_sets=sections)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    if write_reports and all(os.path.exists(r.path) for r in test_set.query[:1]):
-      _write_reports(workdir, test_set, arrays, config.test)
-    elif write_reports:
-      logging.warning('Image files of %s are not reachable (TFDS data without its '
-                      'folder): no worst-query picture.', test_set.name)
-  logging.info('Evaluation at step %d on %s (%d query, %d gallery): mAP %.4f, rank-1 %.4f '
-               'in %.1f s.', results['step'], test_set.name, num_q, len(test_set.gallery),
-               results['mAP'], results.get('rank1', float('nan')), results['eval_seconds'])
+    write_results(workdir, results)
   return results
 
 
-def _write_reports(workdir: str, test_set: ReIDDataset, arrays: dict,
-                   test_config: ml_collections.ConfigDict) -> None:
+def write_results(workdir: str, results: dict) -> None:
+  """`WORKDIR/eval_results.json` (process 0 calls it)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'eval_results.json'), 'w') as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+
+
+def _evaluate_one(p_eval_step: Callable, state: Any, source: data_source.DataSource,
+                  config: ml_collections.ConfigDict, workdir: str, step: int, *,
+                  several: bool, write_reports: bool) -> dict:
+  """Extracts, scores, logs and reports one test set; returns its results."""
+  start = time.time()
+  test_set, name = source.dataset, _label(source)
+  num_q, num_g = len(test_set.query), len(test_set.gallery)
+  protocol = resolve_protocol(config.test.protocol, test_set.name)
+  logging.info('Test set %s (%s): extracting features of %d query and %d gallery images.',
+               name, test_set.name, num_q, num_g)
+  feats = extract_features(p_eval_step, state, list(test_set.query) + list(test_set.gallery),
+                           config, source.load_test_image)
+
+  def report(arrays: dict) -> None:  # process 0 only
+    if not write_reports:
+      return
+    out_dir = os.path.join(workdir, 'eval', name) if several else workdir
+    if all(os.path.exists(r.path) for r in test_set.query[:1]):
+      os.makedirs(out_dir, exist_ok=True)
+      write_reports_png(out_dir, test_set, arrays, config.test)
+    else:
+      logging.warning('Image files of %s are not reachable (TFDS data without its '
+                      'folder): no worst-query picture.', name)
+
+  results = scoring.score_on_processes(feats, num_q, test_set.query, test_set.gallery,
+                                       config.test, protocol, report)
+  results.update(num_query=num_q, num_gallery=num_g, distance=config.test.distance,
+                 protocol=protocol, eval_seconds=time.time() - start)
+  ranks = ', '.join(f'rank-{r} {results[f"rank{r}"]:.4f}' for r in _rank_keys(results, ''))
+  logging.info('Evaluation at step %d on %s (%d query, %d gallery, %s, %s protocol): '
+               'mAP %.4f, mINP %.4f, %s in %.1f s.', step, name, num_q, num_g,
+               config.test.distance, protocol, results['mAP'], results['mINP'], ranks,
+               results['eval_seconds'])
+  return results
+
+
+def write_reports_png(out_dir: str, test_set: ReIDDataset, arrays: dict,
+                      test_config: ml_collections.ConfigDict) -> None:
+  """worst_queries.png (from the feature path's per-query AP) and cmc.png."""
   q, g = test_set.query, test_set.gallery
-  report_lib.save_worst_queries_png(
-      os.path.join(workdir, 'worst_queries.png'), [r.path for r in q], [r.path for r in g],
-      arrays['distmat'], np.array([r.pid for r in q]), np.array([r.pid for r in g]),
-      np.array([r.camid for r in q]), np.array([r.camid for r in g]),
+  report_lib.save_worst_queries_from_features(
+      os.path.join(out_dir, 'worst_queries.png'), [r.path for r in q], [r.path for r in g],
+      arrays['q_feats'], arrays['g_feats'], np.array([r.pid for r in q]),
+      np.array([r.pid for r in g]), np.array([r.camid for r in q]),
+      np.array([r.camid for r in g]), arrays['ranking'], test_config.distance,
       num_queries=test_config.report_queries, top_k=test_config.report_top_k)
-  curves = {'euclidean': arrays['cmc']}
+  curves = {test_config.distance + (' + AQE' if test_config.aqe else ''): arrays['cmc']}
   if 'cmc_rerank' in arrays:
     curves['re-ranked'] = arrays['cmc_rerank']
-  report_lib.save_cmc_plot(os.path.join(workdir, 'cmc.png'), curves)
+  report_lib.save_cmc_plot(os.path.join(out_dir, 'cmc.png'), curves)

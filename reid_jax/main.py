@@ -3,7 +3,9 @@
 Only parses flags; the work is done by `reid_jax.train`, importable from notebooks.
 Override any config field with `--config.<field>=<value>`; a misspelt field fails.
 On several hosts, start one process per host with the same --coordinator_address,
---num_processes and each its own --process_id (JAX's distributed runtime).
+--num_processes and each its own --process_id, or let JAX detect them (SLURM, Cloud
+TPU pod slices, Open MPI, Kubernetes): see `reid_jax.multihost` and README's "Many
+machines".
 """
 
 import logging as py_logging
@@ -23,6 +25,9 @@ flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, to run on several hosts (jax.distributed).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (jax.distributed).')
 flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
+flags.DEFINE_list('local_device_ids', None,
+                  'Local device ids this process uses, e.g. 0,1,2,3 (jax.distributed; '
+                  'under SLURM JAX otherwise gives each process the GPU SLURM_LOCALID).')
 flags.DEFINE_bool('cpu_xla_flags', True,
                   'On CPU-only installs, add reid_jax.cpu_tuning.CPU_XLA_FLAGS to '
                   'XLA_FLAGS (about 2x faster training steps).')
@@ -52,13 +57,10 @@ def main(argv):
   # tf.data only: keep TensorFlow off the accelerators JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
-  import jax  # pylint: disable=g-import-not-at-top
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
+  from reid_jax import multihost  # pylint: disable=g-import-not-at-top
+  multihost.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                  FLAGS.local_device_ids)
   from reid_jax import train  # pylint: disable=g-import-not-at-top
-  logging.info('JAX process %d of %d, local devices: %s', jax.process_index(),
-               jax.process_count(), jax.local_devices())
   from reid_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
     if FLAGS.eval_only:

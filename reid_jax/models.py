@@ -36,8 +36,7 @@ adds it on CPU, see `reid_jax.cpu_tuning`); without it the barriers are no-ops.
 Values are unchanged either way.
 """
 
-import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -57,190 +56,60 @@ RESNET_SPECS = {
     'resnet101': ((3, 4, 23, 3), 'bottleneck'),
     'resnet152': ((3, 8, 36, 3), 'bottleneck'),
 }
-BLOCK_TYPES = ('basic', 'bottleneck')
+
+
+def basic_convs(planes: int, stride: int) -> Tuple[layers.ConvSpec, ...]:
+  """torchvision's BasicBlock: 3x3 with the stride, 3x3."""
+  return (layers.ConvSpec(planes, 3, stride), layers.ConvSpec(planes, 3))
+
+
+# Block type -> (its branch's convs for (planes, stride), its expansion): torchvision's
+# BasicBlock and Bottleneck (v1.5), as `layers.ResidualBlock`s.
+BLOCKS = {'basic': (basic_convs, 1), 'bottleneck': (layers.bottleneck_convs, 4)}
+BLOCK_TYPES = tuple(BLOCKS)
 # Every `ReIDModel.backbone` / `config.model.name`: torchvision ResNets (here) and
 # the strong baseline's other backbones (`reid_jax.backbones`).
 MODEL_NAMES = tuple(RESNET_SPECS) + backbones.NAMES
 NECKS = ('bnneck', 'no')
 NECK_FEATS = ('after', 'before')
 POOLINGS = ('avg', 'gem')
-
-# Shared primitives (see `reid_jax.backbones.layers`), under their historical names.
-conv_kernel_init = layers.conv_kernel_init
-torch_linear_kernel_init = layers.torch_linear_kernel_init
-_torch_linear_bias_init = layers.torch_linear_bias_init
-_check_choice = layers.check_choice
-_batch_norm = layers.batch_norm
-Conv = layers.Conv
-_conv = layers.conv
-stem_max_pool = layers.stem_max_pool
 # BoT's weights_init_classifier: normal(std=0.001).
 classifier_kernel_init = nn.initializers.normal(stddev=0.001)
 
 
-class BasicBlock(nn.Module):
-  """torchvision BasicBlock: 3x3 conv (stride) - BN - ReLU - 3x3 conv - BN, + skip.
-
-  Attributes:
-    planes: output channels.
-    stride: stride of the first 3x3 conv (and of the downsample conv).
-    downsample: whether the skip path is a 1x1 conv + BN.
-    dtype: compute dtype.
-    bn_axis_name: axis name for cross-device BatchNorm statistics.
-    conv_input_barrier: see the module docstring (CPU speed only).
-  """
-  planes: int
-  stride: int = 1
-  downsample: bool = False
-  dtype: Dtype = jnp.float32
-  bn_axis_name: Optional[str] = None
-  conv_input_barrier: bool = False
-  expansion = 1
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    """Applies the block.
-
-    Args:
-      x: (N, H, W, C) input.
-      train: use batch statistics (and update running ones) if True.
-
-    Returns:
-      (N, H', W', planes) output.
-    """
-    bn = functools.partial(_batch_norm, train, self.dtype, self.bn_axis_name)
-    conv = functools.partial(_conv, dtype=self.dtype,
-                             input_barrier=self.conv_input_barrier)
-    out = conv(self.planes, 3, self.stride, name='conv1')(x)
-    out = nn.relu(bn('bn1')(out))
-    out = conv(self.planes, 3, 1, name='conv2')(out)
-    out = bn('bn2')(out)
-    identity = x
-    if self.downsample:
-      identity = conv(self.planes, 1, self.stride, name='downsample_conv')(x)
-      identity = bn('downsample_bn')(identity)
-    return nn.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-  """torchvision Bottleneck (v1.5): 1x1 - 3x3 (stride) - 1x1 (x4), + skip.
-
-  Attributes:
-    planes: width of the 1x1/3x3 convs; output channels are 4 * planes.
-    stride: stride of the 3x3 conv (and of the downsample conv).
-    downsample: whether the skip path is a 1x1 conv + BN.
-    dtype: compute dtype.
-    bn_axis_name: axis name for cross-device BatchNorm statistics.
-    conv_input_barrier: see the module docstring (CPU speed only).
-  """
-  planes: int
-  stride: int = 1
-  downsample: bool = False
-  dtype: Dtype = jnp.float32
-  bn_axis_name: Optional[str] = None
-  conv_input_barrier: bool = False
-  expansion = 4
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    """Applies the block.
-
-    Args:
-      x: (N, H, W, C) input.
-      train: use batch statistics (and update running ones) if True.
-
-    Returns:
-      (N, H', W', 4 * planes) output.
-    """
-    bn = functools.partial(_batch_norm, train, self.dtype, self.bn_axis_name)
-    conv = functools.partial(_conv, dtype=self.dtype,
-                             input_barrier=self.conv_input_barrier)
-    out = conv(self.planes, 1, 1, name='conv1')(x)
-    out = nn.relu(bn('bn1')(out))
-    out = conv(self.planes, 3, self.stride, name='conv2')(out)
-    out = nn.relu(bn('bn2')(out))
-    out = conv(self.planes * 4, 1, 1, name='conv3')(out)
-    out = bn('bn3')(out)
-    identity = x
-    if self.downsample:
-      identity = conv(self.planes * 4, 1, self.stride, name='downsample_conv')(x)
-      identity = bn('downsample_bn')(identity)
-    return nn.relu(out + identity)
-
-
-class ResNet(nn.Module):
+class ResNet(layers.Backbone):
   """torchvision-layout ResNet backbone without the fc layer.
 
-  Attributes:
-    stage_sizes: number of blocks in layer1..layer4.
+  Attributes (besides `layers.Backbone`'s; width is also the stem's channels):
     block: 'basic' or 'bottleneck'.
-    last_stride: stride of layer4 (1 for the re-ID baseline, 2 in torchvision).
-    width: channels of the stem (64 in torchvision); stage i uses width * 2**i.
-    dtype: compute dtype of activations; params and statistics stay float32.
-    bn_axis_name: axis name for cross-device BatchNorm statistics.
-    conv_input_barrier: see the module docstring (CPU speed only).
   """
-  stage_sizes: Sequence[int]
   block: str = 'bottleneck'
-  last_stride: int = 1
-  width: int = 64
-  dtype: Dtype = jnp.float32
-  bn_axis_name: Optional[str] = None
-  conv_input_barrier: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    """Computes the final feature map.
-
-    Args:
-      x: (N, H, W, 3) images.
-      train: use batch statistics (and update running ones) if True.
-
-    Returns:
-      (N, H/16 or H/32, W/16 or W/32, C) feature map in `dtype`, with C = 8 * width
-      for 'basic' and 32 * width for 'bottleneck'.
-    """
-    _check_choice('block', self.block, BLOCK_TYPES)
-    _check_choice('last_stride', self.last_stride, (1, 2))
-    block_cls = BasicBlock if self.block == 'basic' else Bottleneck
-    x = jnp.asarray(x, self.dtype)
-    x = _conv(self.width, 7, 2, self.dtype, 'conv1', self.conv_input_barrier)(x)
-    x = _batch_norm(train, self.dtype, self.bn_axis_name, 'bn1')(x)
-    x = nn.relu(x)
-    x = stem_max_pool(x)
-    in_channels = self.width
-    for i, num_blocks in enumerate(self.stage_sizes):
-      planes = self.width * 2**i
-      stage_stride = 1 if i == 0 else (self.last_stride if i == 3 else 2)
-      for j in range(num_blocks):
-        stride = stage_stride if j == 0 else 1
-        downsample = j == 0 and (stride != 1 or
-                                 in_channels != planes * block_cls.expansion)
-        x = block_cls(
-            planes=planes,
-            stride=stride,
-            downsample=downsample,
-            dtype=self.dtype,
-            bn_axis_name=self.bn_axis_name,
-            conv_input_barrier=self.conv_input_barrier,
-            name=f'layer{i + 1}_{j}')(x, train)
-        in_channels = planes * block_cls.expansion
-    return x
+    """See `layers.Backbone`; C = 8 * width ('basic') or 32 * width ('bottleneck')."""
+    layers.check_choice('block', self.block, BLOCK_TYPES)
+    return layers.torchvision_resnet(self, x, train, *BLOCKS[self.block])
 
 
-def resnet(name: str, **kwargs: Any) -> ResNet:
-  """Builds a named torchvision ResNet backbone.
+def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+  """Builds any of MODEL_NAMES' backbones (a ResNet here, or `backbones.create`'s).
 
   Args:
-    name: one of RESNET_SPECS ('resnet18', ..., 'resnet152').
-    **kwargs: further ResNet fields (last_stride, dtype, bn_axis_name, width).
+    name: one of MODEL_NAMES.
+    **kwargs: `reid_jax.backbones.create`'s keyword arguments (last_stride, dtype,
+      bn_axis_name, conv_input_barrier, stages, width, module_name).
 
   Returns:
-    The ResNet module.
+    The unbound module; `module(x, train)` maps (N, H, W, 3) images to layer4's map.
   """
-  _check_choice('backbone', name, tuple(RESNET_SPECS))
+  layers.check_choice('backbone', name, MODEL_NAMES)
+  if name not in RESNET_SPECS:
+    return backbones.create(name, **kwargs)
   stage_sizes, block = RESNET_SPECS[name]
-  return ResNet(stage_sizes=stage_sizes, block=block, **kwargs)
+  stages = kwargs.pop('stages', None)
+  return ResNet(stage_sizes=stage_sizes if stages is None else tuple(stages),
+                block=block, name=kwargs.pop('module_name', None), **kwargs)
 
 
 class GeneralizedMeanPooling(nn.Module):
@@ -306,11 +175,11 @@ class ReIDModel(nn.Module):
   conv_input_barrier: bool = False
 
   def __post_init__(self):
-    _check_choice('backbone', self.backbone, MODEL_NAMES)
-    _check_choice('last_stride', self.last_stride, (1, 2))
-    _check_choice('neck', self.neck, NECKS)
-    _check_choice('neck_feat', self.neck_feat, NECK_FEATS)
-    _check_choice('pooling', self.pooling, POOLINGS)
+    layers.check_choice('backbone', self.backbone, MODEL_NAMES)
+    layers.check_choice('last_stride', self.last_stride, (1, 2))
+    layers.check_choice('neck', self.neck, NECKS)
+    layers.check_choice('neck_feat', self.neck_feat, NECK_FEATS)
+    layers.check_choice('pooling', self.pooling, POOLINGS)
     super().__post_init__()
 
   @property
@@ -320,7 +189,7 @@ class ReIDModel(nn.Module):
       return backbones.feature_dim(self.backbone, self.stage_sizes, self.width)
     stage_sizes, block = RESNET_SPECS[self.backbone]
     num_stages = len(self.stage_sizes or stage_sizes)
-    return self.width * 2**(num_stages - 1) * (4 if block == 'bottleneck' else 1)
+    return self.width * 2**(num_stages - 1) * BLOCKS[block][1]
 
   @nn.compact
   def __call__(self, x: Array, train: bool):
@@ -335,29 +204,15 @@ class ReIDModel(nn.Module):
         being the pooled feature before the neck (for the triplet loss).
       train=False: the (N, D) float32 test feature selected by `neck_feat`.
     """
-    if self.backbone in RESNET_SPECS:
-      stage_sizes, block = RESNET_SPECS[self.backbone]
-      if self.stage_sizes is not None:
-        stage_sizes = tuple(self.stage_sizes)
-      backbone = ResNet(
-          stage_sizes=stage_sizes,
-          block=block,
-          last_stride=self.last_stride,
-          width=self.width,
-          dtype=self.dtype,
-          bn_axis_name=self.bn_axis_name,
-          conv_input_barrier=self.conv_input_barrier,
-          name='backbone')
-    else:
-      backbone = backbones.create(
-          self.backbone,
-          last_stride=self.last_stride,
-          dtype=self.dtype,
-          bn_axis_name=self.bn_axis_name,
-          conv_input_barrier=self.conv_input_barrier,
-          stages=self.stage_sizes,
-          width=self.width,
-          module_name='backbone')
+    backbone = create_backbone(
+        self.backbone,
+        last_stride=self.last_stride,
+        dtype=self.dtype,
+        bn_axis_name=self.bn_axis_name,
+        conv_input_barrier=self.conv_input_barrier,
+        stages=self.stage_sizes,
+        width=self.width,
+        module_name='backbone')
     fmap = backbone(x, train)
     if self.pooling == 'gem':
       global_feat = GeneralizedMeanPooling(init_p=self.gem_p, name='gem')(fmap)
@@ -366,8 +221,8 @@ class ReIDModel(nn.Module):
 
     if self.neck == 'bnneck':
       # BoT freezes the neck BN's bias at 0: equivalent to having none.
-      feat = _batch_norm(train, jnp.float32, self.bn_axis_name, 'bottleneck',
-                         use_bias=False)(global_feat)
+      feat = layers.batch_norm(train, jnp.float32, self.bn_axis_name, 'bottleneck',
+                               use_bias=False)(global_feat)
       classifier = nn.Dense(
           self.num_classes,
           use_bias=False,
@@ -380,8 +235,8 @@ class ReIDModel(nn.Module):
       classifier = nn.Dense(
           self.num_classes,
           use_bias=True,
-          kernel_init=torch_linear_kernel_init,
-          bias_init=_torch_linear_bias_init(global_feat.shape[-1]),
+          kernel_init=layers.torch_linear_kernel_init,
+          bias_init=layers.torch_linear_bias_init(global_feat.shape[-1]),
           dtype=jnp.float32,
           param_dtype=jnp.float32,
           name='classifier')
@@ -434,25 +289,3 @@ def create_model(model_config: Any, num_classes: int, dtype: Dtype = jnp.float32
       width=int(get('width', 64) or 64),
       conv_input_barrier=bool(conv_input_barrier))
 
-
-def initialize(model: nn.Module, rng: Array,
-               image_size: Sequence[int]) -> Tuple[Any, Any]:
-  """Initialises the model variables with a jitted init on a (1, H, W, 3) input.
-
-  Args:
-    model: the module (e.g. from `create_model`).
-    rng: PRNG key.
-    image_size: (height, width).
-
-  Returns:
-    (params, batch_stats) as plain nested dicts of float32 arrays.
-  """
-  height, width = image_size
-  dummy = jnp.zeros((1, height, width, 3), jnp.float32)
-
-  @jax.jit
-  def init(key):
-    return model.init(key, dummy, train=False)
-
-  variables = init(rng)
-  return variables['params'], variables['batch_stats']

@@ -8,8 +8,10 @@ initialised.)
 
 Several processes (`jax.distributed`): JAX's own preemption notifier receives SIGTERM
 and `multihost_utils.reached_preemption_sync_point(step)` turns true at the same step
-on every host, so all hosts save the same step. No Python SIGTERM handler is installed
-then: it would replace JAX's notifier.
+on every host, so all hosts save the same step, even when only one host got the signal
+(tests/test_multihost.py). No Python SIGTERM handler is installed then: it would replace
+JAX's notifier. Ctrl-C (SIGINT) is not synchronised: it stops only the process that
+receives it, without saving; stop a multi-host run with SIGTERM (`scancel`, `kill`).
 """
 
 import signal

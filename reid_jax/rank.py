@@ -20,7 +20,6 @@ them). A query file that is itself in the gallery is never ranked against itself
 import dataclasses
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -151,18 +150,6 @@ def rank(model: Union[inference.FeatureExtractor, str, None], query: Source,
   return ranking
 
 
-def _tile(path: str, image_size: tuple[int, int]):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  height, width = image_size
-  try:
-    with Image.open(path) as img:
-      return img.convert('RGB').resize((width, height), Image.BILINEAR)
-  except (OSError, ValueError) as e:
-    warnings.warn(f'Cannot read {path!r} for the picture ({e}); drawing a grey tile.',
-                  stacklevel=3)
-    return Image.new('RGB', (width, height), report.MISSING)
-
-
 def draw_ranking(out: str, ranking: Ranking, *, max_rows: int = 20,
                  image_size: tuple[int, int] = (128, 64)) -> tuple[int, int]:
   """Draws the first `max_rows` queries and their ranked gallery to a PNG.
@@ -188,7 +175,8 @@ def draw_ranking(out: str, ranking: Ranking, *, max_rows: int = 20,
     x, y = report.grid_cell_origin(row, column, image_size)
     draw.rectangle([x, y, x + width + 2 * report.BORDER - 1,
                     y + height + 2 * report.BORDER - 1], fill=colour)
-    canvas.paste(_tile(path, image_size), (x + report.BORDER, y + report.BORDER))
+    canvas.paste(report.load_tile(path, image_size, 'the picture'),
+                 (x + report.BORDER, y + report.BORDER))
     draw.text((x, y - report.CAPTION + 1), caption, fill=(0, 0, 0))
 
   for r in range(rows):

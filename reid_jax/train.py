@@ -22,12 +22,14 @@ from clu import metric_writers
 
 from input_pipeline import data_source
 from input_pipeline import device_augment
+from input_pipeline import image_check
 from input_pipeline import pipeline
 from reid_jax import checkpoint as checkpoint_lib
 from reid_jax import config_lib
 from reid_jax import convert
 from reid_jax import evaluate as evaluate_lib
 from reid_jax import models
+from reid_jax import multihost
 from reid_jax import optim
 from reid_jax import precision
 from reid_jax import preemption
@@ -47,7 +49,8 @@ class NonFiniteLossError(FloatingPointError):
 class Experiment:
   """What `train_and_evaluate` and `evaluate_checkpoint` build from a config."""
   train_source: data_source.DataSource
-  test_source: data_source.DataSource
+  # The test sets of config.test_datasets, in order (the first one's mAP is the run's).
+  test_sources: tuple[data_source.DataSource, ...]
   state: step_lib.TrainState
   p_train_step: Any
   p_eval_step: Any
@@ -62,22 +65,28 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Validates the config and builds datasets, model, state and the pmapped steps.
 
   Args:
-    config: the run's config.
+    config: the run's config. With `num_reference_gpus` > 0 it is first resolved in
+      place into global values (`config_lib.resolve_reference_gpus`), which the
+      caller then reads too (batch sizes, lr, config.json).
 
   Returns:
     An `Experiment` with a freshly initialised state (not restored).
   """
   num_devices = jax.device_count()
+  config_lib.resolve_reference_gpus(config)  # before anything reads the config
   config_lib.validate(config, num_devices)
   dtype, why = precision.choose_compute_dtype(config)
   logging.info('Compute dtype %s: %s.', np.dtype(dtype).name, why)
-  train_source, test_source = data_source.load_train_test(config)
+  train_source, test_sources = data_source.load_train_test(config)
   train_set = train_source.dataset
   num_classes = train_set.num_train_pids
   steps_per_epoch = pipeline.steps_per_epoch(train_set.train, config, num_devices)
   image_size = tuple(config.input.image_size)
   model = models.create_model(config.model, num_classes, dtype=dtype,
                               bn_axis_name=step_lib.AXIS_NAME)
+  # Dense evaluations (re-ranking, CUHK03 protocol) too big for config.test.max_dense_gb
+  # are refused now, not after training.
+  evaluate_lib.check_test_sets(test_sources, config, model.feature_dim)
   tx = optim.create_optimizer(config, steps_per_epoch)
   learning_rate_fn = optim.create_lr_schedule(config, steps_per_epoch)
   state = step_lib.create_train_state(
@@ -86,8 +95,8 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       dynamic_scale=precision.create_dynamic_scale(
           dtype, minimum_scale=config.min_loss_scale))
   if config.model.pretrained:
-    state = load_pretrained_into_state(config.model.pretrained,
-                                       config.model.pretrain_choice, state)
+    state = convert.load_pretrained_into_state(config.model.pretrained,
+                                               config.model.pretrain_choice, state)
   train_step_kwargs = dict(
       loss_config=step_lib.LossConfig.from_config(config),
       learning_rate_fn=learning_rate_fn,
@@ -98,37 +107,16 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   logging.info('Training %s on %s: %d identities, %d images, %d steps per epoch, '
                '%d devices.', config.model.name, train_set.name, num_classes,
                len(train_set.train), steps_per_epoch, num_devices)
-  return Experiment(train_source, test_source, state, p_train_step, p_eval_step, dtype,
+  return Experiment(train_source, tuple(test_sources), state, p_train_step, p_eval_step, dtype,
                     steps_per_epoch, learning_rate_fn, train_step_kwargs)
-
-
-def load_pretrained_into_state(path: str, choice: str, state: step_lib.TrainState
-                               ) -> step_lib.TrainState:
-  """A fresh state with converted PyTorch weights loaded (see `convert.load_pretrained`).
-
-  Args:
-    path: a .npz from reid_jax.convert, or a .pth when torch is installed.
-    choice: 'imagenet' (backbone only) or 'self' (the whole re-ID model).
-    state: a freshly initialised state; the center-loss centers are kept.
-
-  Returns:
-    The state with the file's weights in its params and BN statistics.
-  """
-  params, batch_stats = convert.load_pretrained(
-      path, step_lib.model_params(state.params), state.batch_stats, choice=choice)
-  params = dict(params)
-  if step_lib.CENTER_KEY in state.params:
-    params[step_lib.CENTER_KEY] = state.params[step_lib.CENTER_KEY]
-  return state.replace(params=params, batch_stats=batch_stats)
 
 
 def _on_devices(tree: Any) -> Any:
   """Replicates `tree` over the local devices as the pmapped steps return their state.
 
-  With several processes the pmapped steps take the host value and broadcast it.
+  Also with several processes: there, donating a state that is not yet laid out so
+  fails ("Array has been deleted", jax 0.10).
   """
-  if jax.process_count() > 1:
-    return tree
   return jax.device_put(tree, step_lib.replicated_sharding())
 
 
@@ -250,20 +238,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preemption.PreemptedError: SIGTERM/SIGINT: the state was saved first.
     NonFiniteLossError: see `_check_skipped`.
     workdir.WorkdirLockedError: another run holds the workdir.
+    image_check.UndecodableImageError: naming the training images that do not
+      decode; the last good state was saved first.
   """
-  exp = build_experiment(config)
-  with workdir_lib.WorkdirLock(workdir, workdir_lib.shared_run_id(),
-                               process_index=jax.process_index()):
+  # Several processes: the same config, a workdir all of them see, the same data and step.
+  multihost.check_agreement(multihost.config_fields(config), 'start-up (config)')
+  run_id = workdir_lib.shared_run_id()
+  multihost.check_shared_workdir(workdir, run_id)
+  # The lock first: a second run on the workdir stops before reading any data.
+  with workdir_lib.WorkdirLock(workdir, run_id, process_index=jax.process_index()):
+    with multihost.together('building the experiment'):
+      exp = build_experiment(config)
+    _check_processes_agree(exp)
     _warn_if_model_changed(workdir, config, exp.train_source.dataset.num_train_pids)
     if jax.process_index() == 0:
       workdir_lib.write_run_files(workdir, config, _identity_map(exp.train_source.dataset))
     manager = checkpoint_lib.create_manager(workdir, config.keep_checkpoints)
     best = checkpoint_lib.create_best_manager(workdir)
     state = checkpoint_lib.restore(manager, exp.state)
+    multihost.check_agreement({'restored step': int(state.step)}, 'restore')
     with preemption.PreemptionWatch() as watch:
       results = _train_loop(exp, config, workdir, state, manager, best, watch)
   print(evaluate_lib.format_results(results), flush=True)
   return results
+
+
+def _check_processes_agree(exp: Experiment) -> None:
+  """Several processes: stops all of them unless their records and sizes agree."""
+  datasets = [exp.train_source.dataset, *(s.dataset for s in exp.test_sources)]
+  fields = multihost.data_fields(datasets, exp.train_source.dataset.num_train_pids,
+                                 exp.steps_per_epoch)
+  multihost.check_agreement(fields, 'start-up (data)')
 
 
 def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str,
@@ -286,13 +291,25 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
       start_step=start_step, num_steps=total_steps - start_step,
       num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
       process_count=jax.process_count(), load_image=exp.train_source.load_train_image)
-  batches = pipeline.prefetch_to_device(stream, config.prefetch_batches)
+  stream = image_check.train_stream(  # a file that does not decode is named
+      stream, exp.train_source.dataset.train, config, steps_per_epoch=steps_per_epoch,
+      start_step=start_step, num_devices=jax.device_count(),
+      load_image=exp.train_source.load_train_image)
+  batches = pipeline.prefetch_to_device(stream, config.prefetch_batches,
+                                        keys=pipeline.TRAIN_DEVICE_KEYS)
   profiler = (_Profiler(workdir, start_step + config.profile_first_step,
                         config.profile_steps) if config.profile_steps else None)
   results: dict = {}
   window_start, window_steps = time.time(), 0
   for step in range(start_step, total_steps):
-    state, acc = exp.p_train_step(state, acc, next(batches))
+    try:
+      batch = next(batches)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      error = _save_after_input_error(e, state, manager)
+      if error is e:
+        raise
+      raise error from e.__cause__
+    state, acc = exp.p_train_step(state, acc, batch)
     done = step + 1
     window_steps += 1
     checkpoint_lib.check_errors(manager)  # host-only: a failed background save stops now
@@ -319,20 +336,50 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
           f'{manager.directory}/{saved}. Rerun the same command to resume from there.')
     if in_epoch == 0 and (epoch_done % config.eval_every_epochs == 0
                           or epoch_done == config.num_epochs):
-      results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_source,
-                                            config, workdir)
+      try:
+        results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_sources,
+                                              config, workdir)
+      except image_check.UndecodableImageError as e:  # keep the training done so far
+        raise _save_after_input_error(e, state, manager) from e.__cause__
       checkpoint_lib.save_best(best, state, results)
-      writer.write_scalars(done, {f'eval/{k}': v for k, v in results.items()
-                                  if isinstance(v, float)})
+      writer.write_scalars(done, evaluate_lib.summary_scalars(results))
       writer.flush()
       window_start = time.time()  # evaluation time is not training time
   manager.wait_until_finished()
   best.wait_until_finished()
   writer.flush()
   if not results:  # nothing left to train: evaluate the restored state
-    results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_source, config,
+    results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_sources, config,
                                           workdir)
   return results
+
+
+def _save_after_input_error(error: Exception, state: step_lib.TrainState,
+                            manager: Any) -> Exception:
+  """Saves the last good state after an input stream failed; returns what to raise.
+
+  A single process saves (and waits for the write); with several processes the
+  others are inside the next step's collectives, so nothing is saved and the last
+  periodic checkpoint stands.
+
+  Returns:
+    `error`, or for an `image_check.UndecodableImageError` the same error saying
+    where the state was saved.
+  """
+  if jax.process_count() > 1:
+    return error
+  try:
+    saved = checkpoint_lib.save(manager, state, wait=True)
+  except checkpoint_lib.CheckpointSaveError as save_error:
+    logging.error('The input stream failed and saving the last good state failed too: '
+                  '%s', save_error)
+    return error
+  where = os.path.join(str(manager.directory), str(saved))
+  if isinstance(error, image_check.UndecodableImageError):
+    return error.with_saved_state(where)
+  logging.error('The input stream failed (%s); the last good state is saved in %s.',
+                type(error).__name__, where)
+  return error
 
 
 def _broadcast_from_process_0() -> Optional[Any]:
@@ -359,30 +406,37 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     FileNotFoundError: no checkpoint to evaluate.
   """
-  exp = build_experiment(config)
+  # Several processes: the same config, a workdir all of them see, the same step.
+  multihost.check_agreement(multihost.config_fields(config), 'start-up (config)')
+  multihost.check_shared_workdir(workdir, workdir_lib.shared_run_id())
+  with multihost.together('building the experiment'):
+    exp = build_experiment(config)
+  _check_processes_agree(exp)
   _warn_if_model_changed(workdir, config, exp.train_source.dataset.num_train_pids)
   path = checkpoint or config.checkpoint
-  if path and path.endswith(CONVERTED_SUFFIXES):
-    # A converted (or PyTorch) re-ID model: the whole model, as pretrain_choice='self'.
-    state = load_pretrained_into_state(path, 'self', exp.state)
-  elif path:
-    state = checkpoint_lib.restore_from_path(path, exp.state)
-  else:
-    manager = checkpoint_lib.create_manager(workdir, read_only=True)
-    if manager.latest_step() is not None:
-      state = checkpoint_lib.restore(manager, exp.state)
-    elif config.model.pretrained and config.model.pretrain_choice == 'self':
-      logging.info('No checkpoint in %s: evaluating the model loaded from %s.',
-                   manager.directory, config.model.pretrained)
-      state = exp.state
+  with multihost.together('restoring the checkpoint'):
+    if path and path.endswith(CONVERTED_SUFFIXES):
+      # A converted (or PyTorch) re-ID model: the whole model, as pretrain_choice='self'.
+      state = convert.load_pretrained_into_state(path, 'self', exp.state)
+    elif path:
+      state = checkpoint_lib.restore_from_path(path, exp.state)
     else:
-      raise FileNotFoundError(
-          f'No checkpoint in {manager.directory} to evaluate: train first, or pass '
-          '--config.checkpoint=PATH (a checkpoint folder, or a converted .npz / .pth '
-          're-ID model).')
+      manager = checkpoint_lib.create_manager(workdir, read_only=True)
+      if manager.latest_step() is not None:
+        state = checkpoint_lib.restore(manager, exp.state)
+      elif config.model.pretrained and config.model.pretrain_choice == 'self':
+        logging.info('No checkpoint in %s: evaluating the model loaded from %s.',
+                     manager.directory, config.model.pretrained)
+        state = exp.state
+      else:
+        raise FileNotFoundError(
+            f'No checkpoint in {manager.directory} to evaluate: train first, or pass '
+            '--config.checkpoint=PATH (a checkpoint folder, or a converted .npz / .pth '
+            're-ID model).')
+  multihost.check_agreement({'restored step': int(state.step)}, 'restore')
   # Put on the devices once, not re-uploaded with every batch.
   state = _on_devices(state)
-  results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_source, config,
+  results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_sources, config,
                                         workdir)
   print(evaluate_lib.format_results(results), flush=True)
   return results

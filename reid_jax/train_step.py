@@ -382,12 +382,19 @@ def create_train_state(rng: jax.Array, model: flax.linen.Module,
   Returns:
     A TrainState at step 0.
   """
-  model_rng, center_rng = jax.random.split(rng)
-  dummy = jnp.zeros((1, *image_size, 3), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(model_rng, dummy)
-  params = dict(variables['params'])
-  if use_center:
-    params[CENTER_KEY] = losses.init_centers(center_rng, num_classes, model.feature_dim)
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                           batch_stats=variables['batch_stats'],
-                           dynamic_scale=dynamic_scale)
+
+  def init(rng: jax.Array) -> tuple[dict, Any, Any]:
+    model_rng, center_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, *image_size, 3), jnp.float32)
+    variables = model.init(model_rng, dummy, train=False)
+    params = dict(variables['params'])
+    if use_center:
+      params[CENTER_KEY] = losses.init_centers(center_rng, num_classes, model.feature_dim)
+    return params, variables['batch_stats'], tx.init(params)
+
+  # One compiled program for the model, the centers and the optimizer state (what
+  # TrainState.create does, whose eager tx.init compiles one small program per leaf).
+  params, batch_stats, opt_state = jax.jit(init)(rng)
+  return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
+                    opt_state=opt_state, batch_stats=batch_stats,
+                    dynamic_scale=dynamic_scale)

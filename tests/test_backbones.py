@@ -1,10 +1,9 @@
 """Tests for reid_jax.backbones (ResNet-IBN-a, SE-ResNet, SE-ResNeXt, SENet-154).
 
-References: PyTorch models written with torch.nn in `torch_backbones.py` (from the
-strong baseline's `resnet_ibn_a.py` / `senet.py`) and `torch_reference.py` (its
-`Baseline` head), converted through `reid_jax.convert` so the key maps are tested
-with the models; published ImageNet parameter counts; a single-device run for the
-cross-device check.
+References: PyTorch models written with torch.nn in `torch_reference.py` (from the
+strong baseline's `resnet_ibn_a.py` / `senet.py` and its `Baseline` head), converted
+through `reid_jax.convert_keys` so the key maps are tested with the models;
+published ImageNet parameter counts; a single-device run for the cross-device check.
 """
 
 import functools
@@ -18,13 +17,13 @@ import pytest
 from reid_jax import backbones
 from reid_jax import config_lib
 from reid_jax import convert
+from reid_jax import convert_keys
 from reid_jax import models
 from reid_jax.backbones import layers
 
 torch = pytest.importorskip('torch')
 tnn = torch.nn
-# Imported after the importorskip above (they import torch).
-import torch_backbones  # pylint: disable=g-import-not-at-top,g-bad-import-order
+# Imported after the importorskip above (it imports torch).
 import torch_reference  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 # Published ImageNet parameter counts (with the 1000-class classifier):
@@ -95,7 +94,7 @@ def meta_state_dict(name):
   """Zero arrays named and shaped like the full-size torch model's state_dict()."""
   family, stages = TORCH_FAMILY[name]
   with torch.device('meta'):
-    net = torch_backbones.make_torch_backbone(family, stages, num_classes=1000,
+    net = torch_reference.make_torch_backbone(family, stages, num_classes=1000,
                                               randomize=False)
   return {k: np.zeros(v.shape, np.float32) for k, v in net.state_dict().items()
           if not k.endswith('num_batches_tracked')}
@@ -110,7 +109,7 @@ def test_param_count_matches_published_and_torch(name):
   ours = count(full_shapes(name)['params']) + FC
   family, stages = TORCH_FAMILY[name]
   with torch.device('meta'):
-    net = torch_backbones.make_torch_backbone(family, stages, num_classes=1000,
+    net = torch_reference.make_torch_backbone(family, stages, num_classes=1000,
                                               randomize=False)
   assert ours == sum(p.numel() for p in net.parameters())
   published = PUBLISHED_PARAMS[name]
@@ -194,29 +193,24 @@ TINY_WIDTH = 16
 @pytest.mark.parametrize('last_stride', [1, 2])
 def test_backbone_matches_torch(name, last_stride):
   family, stages = TINY[name]
-  net = torch_backbones.make_torch_backbone(
+  net = torch_reference.make_torch_backbone(
       family, stages, last_stride, TINY_WIDTH, seed=last_stride, num_classes=10)
   before = torch_reference.state_dict_numpy(net)
-  converted = convert.convert_state_dict(before)
+  converted = convert_keys.convert_state_dict(before)
   assert converted.family == (family if family == 'resnet_ibn_a' else 'senet')
-  params, stats = convert.torch_state_dict_to_flax(before)  # drops fc / last_linear
+  # Drops fc / last_linear.
+  params, stats = convert_keys.torch_state_dict_to_flax(before)
   module = backbones.create(name, last_stride=last_stride, stages=stages,
                             width=TINY_WIDTH)
   x = np.random.default_rng(last_stride).standard_normal((2, 64, 32, 3))
   x = (x * 2 + 0.5).astype(np.float32)
 
-  # N * H * W of each BN input (torch's running_var uses the unbiased variance).
-  sizes = {}
-  hooks = [m.register_forward_hook(
-      lambda mod, inp, out, name=n: sizes.__setitem__(
-          name, inp[0].numel() // inp[0].shape[1]))
-           for n, m in net.named_modules() if isinstance(m, tnn.BatchNorm2d)]
   with torch.no_grad():
     expected_eval = nhwc(net.eval()(nchw(x)))
-    expected_train = nhwc(net.train()(nchw(x)))
-  for h in hooks:
-    h.remove()
-  after = torch_reference.state_dict_numpy(net)
+  # torch's running_var uses the unbiased variance: expected_sd has flax's.
+  expected_train, expected_sd, sizes = torch_reference.train_forward_flax_stats(
+      net, nchw(x))
+  expected_train = nhwc(expected_train)
 
   @jax.jit
   def run(variables, x):
@@ -230,12 +224,7 @@ def test_backbone_matches_torch(name, last_stride):
   assert_close_to_scale(out_eval, expected_eval)
   assert_close_to_scale(out_train, expected_train)
 
-  expected_sd = dict(after)
-  for n, size in sizes.items():
-    old = before[f'{n}.running_var']
-    unbiased = (after[f'{n}.running_var'] - 0.9 * old) / 0.1
-    expected_sd[f'{n}.running_var'] = 0.9 * old + 0.1 * unbiased * (size - 1) / size
-  _, expected_stats = convert.torch_state_dict_to_flax(expected_sd)
+  _, expected_stats = convert_keys.torch_state_dict_to_flax(expected_sd)
   got = dict(jax.tree_util.tree_leaves_with_path(new_stats))
   want = dict(jax.tree_util.tree_leaves_with_path(expected_stats))
   assert set(got) == set(want) and len(want) == 2 * len(sizes)
@@ -251,7 +240,7 @@ def save_torch(path, state_dict, prefix=''):
 
 def test_se_resnext50_strong_baseline_checkpoint_matches_torch(tmp_path):
   """A full-size BoT SE-ResNeXt-50 checkpoint (base.*, BNNeck, classifier)."""
-  base = torch_backbones.make_torch_backbone('se_resnext', (3, 4, 6, 3), 1, seed=7)
+  base = torch_reference.make_torch_backbone('se_resnext', (3, 4, 6, 3), 1, seed=7)
   net = torch_reference.TorchStrongBaseline(base, 2048, num_classes=7)
   gen = torch.Generator().manual_seed(8)
   with torch.no_grad():
@@ -267,7 +256,7 @@ def test_se_resnext50_strong_baseline_checkpoint_matches_torch(tmp_path):
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   params, stats = convert.load_pretrained(path, zeros['params'],
                                           zeros['batch_stats'], choice='self')
-  assert convert.convert_state_dict(net.state_dict()).description.startswith(
+  assert convert_keys.convert_state_dict(net.state_dict()).description.startswith(
       'reid-strong-baseline model (SENet')
   x = np.random.default_rng(3).standard_normal((4, 64, 32, 3)).astype(np.float32)
   with torch.no_grad():
@@ -325,36 +314,36 @@ def test_cross_device_equals_single_device():
     ('se_resnext50', 'senet', 50), ('senet154', 'senet', 154)])
 def test_imagenet_files_convert_and_check(name, family, depth):
   sd = meta_state_dict(name)
-  converted = convert.convert_state_dict(sd)
+  converted = convert_keys.convert_state_dict(sd)
   assert converted.layout == 'imagenet' and converted.family == family
   assert not converted.unknown  # fc / last_linear ignored
-  params, stats = convert.torch_state_dict_to_flax(sd, depth=depth)
+  params, stats = convert_keys.torch_state_dict_to_flax(sd, depth=depth)
   want = full_shapes(name)
   assert count(params) + count(stats) == count(want['params']) + count(
       want['batch_stats'])
   bot = {'base.' + k: v for k, v in sd.items()
          if not k.startswith(('fc.', 'last_linear.'))}
-  assert convert.convert_state_dict(bot).layout == 'strong_baseline'
+  assert convert_keys.convert_state_dict(bot).layout == 'strong_baseline'
 
 
 def test_depth_and_backbone_mismatches_are_reported():
   sd = meta_state_dict('se_resnet50')
   with pytest.raises(ValueError, match='(?s)does not match se_resnet101: 323 problem.*'
                      r'missing params layer3_6/bn1/bias \(256,\)'):
-    convert.torch_state_dict_to_flax(sd, depth=101)
+    convert_keys.torch_state_dict_to_flax(sd, depth=101)
   with pytest.raises(ValueError, match='(?s)does not match se_resnext50.*mis-shaped params '
                      r'layer1_0/conv1/kernel: expected \(1, 1, 64, 128\), found '
                      r'\(1, 1, 64, 64\)'):
-    convert.torch_state_dict_to_flax(sd, backbone='se_resnext50')
+    convert_keys.torch_state_dict_to_flax(sd, backbone='se_resnext50')
   with pytest.raises(ValueError, match='no se_resnet34'):
-    convert.torch_state_dict_to_flax(sd, depth=34)
+    convert_keys.torch_state_dict_to_flax(sd, depth=34)
   ibn = meta_state_dict('resnet50_ibn_a')
   with pytest.raises(ValueError, match='(?s)does not match resnet50:.*unexpected params '
                      'layer1_0/bn1/IN/scale'):
-    convert.torch_state_dict_to_flax(ibn, backbone='resnet50')
+    convert_keys.torch_state_dict_to_flax(ibn, backbone='resnet50')
   # A root-level conv in a SENet file is not a SENet key.
   sd['conv1.weight'] = np.zeros((64, 3, 7, 7), np.float32)
-  assert 'conv1.weight' in convert.convert_state_dict(sd).unknown
+  assert 'conv1.weight' in convert_keys.convert_state_dict(sd).unknown
 
 
 def test_cli_backbone_check(tmp_path, capsys):

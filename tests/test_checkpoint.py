@@ -450,6 +450,28 @@ def test_a_failed_save_is_reported_by_a_waiting_save(tmp_path, monkeypatch):
     checkpoint_lib.save(manager, _small(2, 2.0), wait=True)
 
 
+def test_a_full_disk_stops_the_save_before_writing_anything(tmp_path, monkeypatch):
+  manager = checkpoint_lib.create_manager(str(tmp_path))
+  checkpoint_lib.save(manager, _small(1, 1.0), wait=True)
+  directory = os.path.join(str(tmp_path), 'checkpoints')
+  need = 3 * 4 * 4 + 4 * 4 + 3 * 4 * 4 + 4  # the arrays of _small, in bytes
+  real = shutil.disk_usage
+  monkeypatch.setattr(checkpoint_lib.shutil, 'disk_usage',
+                      lambda path: real(path)._replace(free=need - 1, total=2**30))
+  with pytest.raises(checkpoint_lib.CheckpointSaveError) as info:
+    checkpoint_lib.save(manager, _small(2, 2.0))  # raises at once, not in the background
+  message = str(info.value)
+  assert (f'Saving checkpoint step 2 in {directory} failed: OSError: [Errno 28] Not '
+          'enough free space for checkpoint step 2: its arrays need 0.0 MiB') in message
+  assert f'Filesystem of {directory}: 0.0 MiB free of 1.00 GiB.' in message
+  assert f'step 1 ({directory}/1), is intact' in message
+  assert sorted(os.listdir(directory)) == ['1']  # nothing of step 2 was written
+  monkeypatch.setattr(checkpoint_lib.shutil, 'disk_usage',
+                      lambda path: real(path)._replace(free=need))
+  checkpoint_lib.save(manager, _small(2, 2.0), wait=True)  # exactly enough: saved
+  assert manager.all_steps() == [1, 2]
+
+
 # --- Best checkpoint ------------------------------------------------------------------
 
 

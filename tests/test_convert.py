@@ -1,9 +1,8 @@
-"""Tests for reid_jax.convert: layouts, name mapping, file formats and error reporting.
+"""Tests for reid_jax.convert and convert_keys: layouts, name mapping, file formats, errors.
 
 References: state dicts named and shaped like torchvision's (written out here,
-independently of the converter), and PyTorch models written with torch.nn
-(`torch_reference`: a torchvision-layout ResNet and reid-strong-baseline's
-`Baseline`), whose outputs the converted flax model must reproduce.
+independently of the converter). test_convert_torch.py checks converted PyTorch
+models (`torch_reference`) against their torch outputs.
 """
 
 import logging
@@ -12,11 +11,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
 from reid_jax import convert
+from reid_jax import convert_keys
 from reid_jax import models
+from reid_jax import train_step
 
 
 def torchvision_state_dict(stage_sizes, block, width=64, seed=0,
@@ -131,7 +133,7 @@ def save(tmp_path, sd, name='w.npz'):
 
 def test_mapping_and_layout(tiny_sd):
   sd = {'module.' + k: v for k, v in tiny_sd.items()}  # DataParallel prefix
-  params, stats = convert.torch_state_dict_to_flax(sd)
+  params, stats = convert_keys.torch_state_dict_to_flax(sd)
   w = tiny_sd['layer2.0.conv2.weight']  # (O, I, kh, kw)
   kernel = params['layer2_0']['conv2']['kernel']  # (kh, kw, I, O)
   assert kernel.shape == (3, 3, 8, 8)
@@ -159,7 +161,7 @@ def test_mapping_and_layout(tiny_sd):
 def test_full_depth_names_match_model(depth, block):
   stage_sizes, _ = models.RESNET_SPECS[f'resnet{depth}']
   sd = torchvision_state_dict(stage_sizes, block, width=8)
-  params, stats = convert.torch_state_dict_to_flax(sd, depth=depth)
+  params, stats = convert_keys.torch_state_dict_to_flax(sd, depth=depth)
   module = models.ResNet(stage_sizes=stage_sizes, block=block, width=8)
   shapes = jax.eval_shape(lambda: module.init(
       jax.random.PRNGKey(0), jnp.zeros((1, 32, 16, 3)), train=False))
@@ -172,22 +174,22 @@ def test_full_depth_names_match_model(depth, block):
                          (shapes['params'], shapes['batch_stats']))
   other = 34 if depth == 18 else 101
   with pytest.raises(ValueError, match=f'resnet{other}'):
-    convert.torch_state_dict_to_flax(sd, depth=other)
+    convert_keys.torch_state_dict_to_flax(sd, depth=other)
   with pytest.raises(ValueError, match='depth'):
-    convert.torch_state_dict_to_flax(sd, depth=42)
+    convert_keys.torch_state_dict_to_flax(sd, depth=42)
   wrong_block = 34 if depth == 50 else 50
   with pytest.raises(ValueError, match='blocks'):
-    convert.torch_state_dict_to_flax(sd, depth=wrong_block)
+    convert_keys.torch_state_dict_to_flax(sd, depth=wrong_block)
 
 
 def test_unknown_key_raises(tiny_sd):
   tiny_sd['layer1.0.attention.weight'] = np.zeros((4, 4, 1, 1), np.float32)
   with pytest.raises(ValueError, match=r'layer1\.0\.attention\.weight'):
-    convert.torch_state_dict_to_flax(tiny_sd)
+    convert_keys.torch_state_dict_to_flax(tiny_sd)
 
 
 def test_strong_baseline_head_mapping(tiny_bot_sd):
-  converted = convert.convert_state_dict(tiny_bot_sd)
+  converted = convert_keys.convert_state_dict(tiny_bot_sd)
   assert converted.layout == 'strong_baseline' and converted.num_classes == 3
   p, s = converted.variables['params'], converted.variables['batch_stats']
   np.testing.assert_array_equal(p[('classifier', 'kernel')],
@@ -281,6 +283,29 @@ def test_self_choice_loads_whole_model(tmp_path, tiny_sd, tiny_bot_sd, tiny_mode
     assert isinstance(leaf, np.ndarray) and leaf.dtype == np.float32
 
 
+def test_load_into_state_keeps_centers_and_optimizer(tmp_path, tiny_sd, tiny_bot_sd,
+                                                     tiny_model_vars):
+  params, stats = tiny_model_vars
+  dim = tiny_model().feature_dim
+  centers = np.arange(TINY_CLASSES * dim, dtype=np.float32).reshape(TINY_CLASSES, dim)
+  state = train_step.TrainState.create(
+      apply_fn=None, params=dict(params, center=centers), tx=optax.sgd(0.1),
+      batch_stats=stats)
+  path = save(tmp_path, tiny_bot_sd)
+  loaded = convert.load_pretrained_into_state(path, 'self', state)
+  assert_backbone_loaded(loaded.params, loaded.batch_stats, tiny_sd)
+  np.testing.assert_array_equal(loaded.params['classifier']['kernel'],
+                                tiny_bot_sd['classifier.weight'].T)
+  np.testing.assert_array_equal(loaded.batch_stats['bottleneck']['var'],
+                                tiny_bot_sd['bottleneck.running_var'])
+  np.testing.assert_array_equal(loaded.params['center'], centers)
+  assert loaded.step == state.step and loaded.opt_state is state.opt_state
+  head = convert.load_pretrained_into_state(path, 'imagenet', state)
+  assert_backbone_loaded(head.params, head.batch_stats, tiny_sd)
+  np.testing.assert_array_equal(head.params['classifier']['kernel'],
+                                params['classifier']['kernel'])  # left as given
+  np.testing.assert_array_equal(head.params['center'], centers)
+
 def test_self_choice_with_imagenet_file_is_an_error(tmp_path, tiny_sd, tiny_model_vars):
   path = save(tmp_path, tiny_sd)
   with pytest.raises(ValueError, match="ImageNet torchvision ResNet backbone: no "
@@ -353,21 +378,22 @@ def test_plugged_in_backbone_family(tiny_sd, tiny_model_vars):
              for k, v in tiny_sd.items()}
 
   def map_key(key):
-    return convert.resnet_map_key(key[len('stem.'):] if key.startswith('stem.') else key)
+    return convert_keys.resnet_map_key(key[len('stem.'):] if key.startswith('stem.')
+                                       else key)
 
-  family = convert.BackboneFamily(
+  family = convert_keys.BackboneFamily(
       name='stemmed', description='stem-prefixed ResNet',
       detect=lambda keys: 'stem.conv1.weight' in keys,
       ignore=lambda key: key.startswith('fc.'), map_key=map_key)
-  families = (family,) + convert.BACKBONE_FAMILIES
-  converted = convert.convert_state_dict(renamed, families)
+  families = (family,) + convert_keys.BACKBONE_FAMILIES
+  converted = convert_keys.convert_state_dict(renamed, families)
   assert converted.family == 'stemmed'
   assert converted.description == 'ImageNet stem-prefixed ResNet backbone'
   params, stats = convert.merge_converted(converted, *tiny_model_vars)
   assert_backbone_loaded(params, stats, tiny_sd)
-  assert convert.convert_state_dict(tiny_sd, families).family == 'resnet'
+  assert convert_keys.convert_state_dict(tiny_sd, families).family == 'resnet'
   with pytest.raises(ValueError, match=r"Unrecognised imagenet backbone.*'resnet'\]"):
-    convert.convert_state_dict(renamed)
+    convert_keys.convert_state_dict(renamed)
 
 
 # --------------------------------------------------------------------------
@@ -453,91 +479,3 @@ def test_bad_files(tmp_path, tiny_model_vars):
   torch.save(torch.nn.Linear(2, 2), pth)  # a pickled module, not a state dict
   with pytest.raises(ValueError, match=r'save model\.state_dict\(\)'):
     convert.load_pretrained(pth, *tiny_model_vars)
-
-
-# --------------------------------------------------------------------------
-# PyTorch reid-strong-baseline models against the converted flax model.
-
-
-def assert_close_to_scale(actual, expected, rel=1e-4):
-  """max |actual - expected| <= rel * max |expected| (the feature scale)."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
-  err, scale = np.abs(actual - expected).max(), np.abs(expected).max()
-  assert err <= rel * scale, (err, scale)
-
-
-def torch_outputs(torch, net, x):
-  """(feature before the neck, after it, logits) of a torch Baseline in eval mode."""
-  with torch.no_grad():
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
-    net.neck_feat = 'before'
-    before = net(xt)
-    net.neck_feat = 'after'
-    after = net(xt)
-    logits = net.classifier(after)
-  return before.numpy(), after.numpy(), logits.numpy()
-
-
-def flax_outputs(model, params, stats, x):
-  variables = {'params': params, 'batch_stats': stats}
-  before = model.clone(neck_feat='before').apply(variables, x, train=False)
-  after = model.clone(neck_feat='after').apply(variables, x, train=False)
-  logits = after @ params['classifier']['kernel']
-  if 'bias' in params['classifier']:
-    logits = logits + params['classifier']['bias']
-  return before, after, logits
-
-
-def save_torch(torch, path, state_dict, prefix='', wrapper=None):
-  obj = {prefix + k: v for k, v in state_dict.items()}
-  torch.save({wrapper: obj} if wrapper else obj, path)
-  return str(path)
-
-
-@pytest.mark.parametrize('last_stride', [1, 2])
-def test_resnet50_strong_baseline_matches_torch(tmp_path, last_stride):
-  torch = pytest.importorskip('torch')
-  import torch_reference  # pylint: disable=g-import-not-at-top
-  net = torch_reference.make_torch_strong_baseline((3, 4, 6, 3), last_stride,
-                                                   num_classes=7, seed=last_stride)
-  sd = net.state_dict()
-  paths = [save_torch(torch, tmp_path / 'plain.pth', sd),
-           save_torch(torch, tmp_path / 'ddp.pth', sd, 'module.'),
-           save_torch(torch, tmp_path / 'ckpt.pth', sd, 'module.', 'state_dict')]
-  model = models.ReIDModel(num_classes=7, last_stride=last_stride)
-  x = np.random.default_rng(0).standard_normal((2, 64, 32, 3)).astype(np.float32)
-  given = random_variables(model, image_shape=(1, 64, 32, 3))
-  loaded = [convert.load_pretrained(p, *given, choice='self') for p in paths]
-  for other in loaded[1:]:
-    assert_same(other, loaded[0])
-  expected = torch_outputs(torch, net, x)
-  actual = flax_outputs(model, *loaded[last_stride - 1], x)
-  assert expected[0].shape == (2, 2048) and expected[2].shape == (2, 7)
-  for a, e in zip(actual, expected):
-    assert_close_to_scale(a, e)
-
-
-def test_tiny_neck_no_strong_baseline_matches_torch(tmp_path):
-  torch = pytest.importorskip('torch')
-  import torch_reference  # pylint: disable=g-import-not-at-top
-  stages = (1, 1, 1, 1)  # the torch ResNet has 4 stages
-  net = torch_reference.make_torch_strong_baseline(
-      stages, 2, num_classes=5, seed=3, width=TINY_WIDTH, neck='no')
-  path = save_torch(torch, tmp_path / 'no_neck.pth', net.state_dict(), 'module.')
-  model = tiny_model(num_classes=5, stage_sizes=stages, neck='no', last_stride=2)
-  params, stats = convert.load_pretrained(path, *random_variables(model),
-                                          choice='self')
-  x = np.random.default_rng(1).standard_normal((3, 32, 16, 3)).astype(np.float32)
-  with torch.no_grad():
-    feat = net(torch.from_numpy(x.transpose(0, 3, 1, 2)))
-    logits = net.classifier(feat)
-  actual = flax_outputs(model, params, stats, x)
-  assert_close_to_scale(actual[0], feat.numpy())
-  assert_close_to_scale(actual[2], logits.numpy())
-  # A BNNeck model cannot take a neck='no' file (and says why, in one error).
-  with pytest.raises(ValueError, match='(?s)missing params bottleneck/scale.*'
-                     r'unexpected params classifier/bias \(torch classifier\.bias\)'):
-    convert.load_pretrained(
-        path, *random_variables(tiny_model(num_classes=5, stage_sizes=stages)),
-        choice='self')

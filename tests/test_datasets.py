@@ -11,6 +11,7 @@ from input_pipeline import base
 from input_pipeline import catalog
 from input_pipeline import data_source
 from input_pipeline import cuhk03
+from input_pipeline import cuhk03_classic
 from input_pipeline import market
 from input_pipeline import msmt17
 from input_pipeline import partial
@@ -463,7 +464,8 @@ def test_catalog_names_and_unknown_name(tmp_path):
   assert set(catalog.DATASETS) == {
       'market1501', 'dukemtmcreid', 'cuhk03_labeled', 'cuhk03_detected',
       'msmt17', 'veri776', 'veriwild_small', 'veriwild_medium',
-      'veriwild_large', 'partial_ilids', 'partial_reid', 'folder'}
+      'veriwild_large', 'partial_ilids', 'partial_reid', 'folder',
+      *cuhk03_classic.SPLITS}  # the classic CUHK03 splits (tests/test_cuhk03.py)
   assert set(catalog.SPECS) == set(catalog.DATASETS)
   with pytest.raises(base.DatasetError) as e:
     catalog.load_dataset('market', str(tmp_path))
@@ -487,10 +489,11 @@ def test_load_train_test(tmp_path):
   market_root = make_market(tmp_path)
   write_tree(os.path.join(tmp_path, 'Partial_iLIDS'),
              {'Probe': ['001.jpg'], 'Gallery': ['001.jpg', '002.jpg']})
-  train, test = data_source.load_train_test(make_config(data_dir=market_root))
-  assert train is test and train.dataset.name == 'market1501'
+  train, tests = data_source.load_train_test(make_config(data_dir=market_root))
+  assert len(tests) == 1 and tests[0].dataset is train.dataset
+  assert train.dataset.name == 'market1501' and tests[0].label == 'market1501'
   assert train.load_train_image is None  # folder data: images read from the paths
-  train, test = data_source.load_train_test(make_config(
+  train, (test,) = data_source.load_train_test(make_config(
       data_dir=market_root, test_dataset='partial_ilids',
       test_data_dir=str(tmp_path)))
   train, test = train.dataset, test.dataset

@@ -14,8 +14,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from reid_jax import convert
+from reid_jax import convert_keys
 from reid_jax import models
+from reid_jax.backbones import layers
 
 torch = pytest.importorskip('torch')
 tnn = torch.nn
@@ -26,7 +27,8 @@ EPS = 1e-5
 # The PyTorch reference ResNet (torchvision layout) lives in torch_reference.py,
 # shared with test_convert; imported after the importorskip above.
 from torch_reference import (  # pylint: disable=g-import-not-at-top,g-bad-import-order
-    TorchBasicBlock, TorchBottleneck, make_torch_resnet, state_dict_numpy)
+    TorchBasicBlock, TorchBottleneck, make_torch_resnet, state_dict_numpy,
+    train_forward_flax_stats)
 
 
 def assert_close(actual, expected, rtol=1e-4):
@@ -46,6 +48,13 @@ def eval_shape_init(module, shape):
       lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))
 
 
+def initialize(model, rng, image_size):
+  """(params, batch_stats) of a jitted eval-mode init on a (1, H, W, 3) input."""
+  variables = jax.jit(lambda key: model.init(
+      key, jnp.zeros((1,) + tuple(image_size) + (3,), jnp.float32), train=False))(rng)
+  return variables['params'], variables['batch_stats']
+
+
 # --------------------------------------------------------------------------
 # Shapes and parameter counts (nothing compiled).
 
@@ -57,7 +66,7 @@ def eval_shape_init(module, shape):
     ('resnet101', 42_500_160),  # torchvision resnet101 (44,549,160) minus fc
 ])
 def test_backbone_param_count(name, expected):
-  variables = eval_shape_init(models.resnet(name), (1, 64, 32, 3))
+  variables = eval_shape_init(models.create_backbone(name), (1, 64, 32, 3))
   assert count(variables['params']) == expected
   for leaf in jax.tree_util.tree_leaves(variables):
     assert leaf.dtype == jnp.float32
@@ -78,7 +87,7 @@ def test_reid_model_param_count_and_names():
 
 @pytest.mark.parametrize('last_stride,expected', [(1, (16, 8)), (2, (8, 4))])
 def test_last_stride_feature_map(last_stride, expected):
-  module = models.resnet('resnet50', last_stride=last_stride)
+  module = models.create_backbone('resnet50', last_stride=last_stride)
   x = jnp.zeros((2, 256, 128, 3))
   variables = eval_shape_init(module, x.shape)
   out = jax.eval_shape(lambda v: module.apply(v, x, train=False), variables)
@@ -112,7 +121,7 @@ def torch_case(request):
 
 def test_eval_forward_matches_torch(torch_case):
   net, module, x = torch_case
-  params, stats = convert.torch_state_dict_to_flax(state_dict_numpy(net))
+  params, stats = convert_keys.torch_state_dict_to_flax(state_dict_numpy(net))
   net.eval()
   with torch.no_grad():
     expected = net(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
@@ -123,36 +132,17 @@ def test_eval_forward_matches_torch(torch_case):
 
 def test_train_forward_and_stats_match_torch(torch_case):
   net, module, x = torch_case
-  before = state_dict_numpy(net)
-  params, stats = convert.torch_state_dict_to_flax(before)
-
-  # Number of values each BN normalises over (N * H * W), for the var update.
-  sizes = {}
-  hooks = [
-      m.register_forward_hook(
-          lambda mod, inp, out, name=name: sizes.__setitem__(
-              name, inp[0].numel() // inp[0].shape[1]))
-      for name, m in net.named_modules() if isinstance(m, tnn.BatchNorm2d)
-  ]
-  net.train()
-  with torch.no_grad():
-    expected = net(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
-  for h in hooks:
-    h.remove()
-  after = state_dict_numpy(net)
+  params, stats = convert_keys.torch_state_dict_to_flax(state_dict_numpy(net))
+  # torch: new = 0.9 old + 0.1 unbiased; expected_sd has flax's 0.9 old + 0.1 biased.
+  expected, expected_sd, sizes = train_forward_flax_stats(net, torch.from_numpy(x))
+  expected = expected.numpy().transpose(0, 2, 3, 1)
 
   out, updated = jax.jit(
       lambda v, x: module.apply(v, x, train=True, mutable=['batch_stats']))(
           {'params': params, 'batch_stats': stats}, x.transpose(0, 2, 3, 1))
   assert_close(out, expected)
 
-  # torch: new = 0.9 old + 0.1 unbiased; flax: new = 0.9 old + 0.1 biased.
-  expected_sd = dict(after)
-  for name, n in sizes.items():
-    old = before[f'{name}.running_var']
-    unbiased = (after[f'{name}.running_var'] - 0.9 * old) / 0.1
-    expected_sd[f'{name}.running_var'] = 0.9 * old + 0.1 * unbiased * (n - 1) / n
-  _, expected_stats = convert.torch_state_dict_to_flax(expected_sd)
+  _, expected_stats = convert_keys.torch_state_dict_to_flax(expected_sd)
   flat_out = jax.tree_util.tree_leaves_with_path(updated['batch_stats'])
   flat_exp = dict(jax.tree_util.tree_leaves_with_path(expected_stats))
   assert len(flat_out) == len(flat_exp) == 2 * len(sizes)
@@ -167,7 +157,7 @@ def test_stem_max_pool_matches_torch(hw):
   x = -np.abs(np.random.default_rng(0).standard_normal((2,) + hw + (3,)))
   x = x.astype(np.float32)
   expected = tnn.MaxPool2d(3, 2, 1)(torch.from_numpy(x.transpose(0, 3, 1, 2)))
-  out = models.stem_max_pool(jnp.asarray(x))
+  out = layers.stem_max_pool(jnp.asarray(x))
   np.testing.assert_array_equal(out, expected.numpy().transpose(0, 2, 3, 1))
 
 
@@ -213,7 +203,7 @@ def tiny_input():
 def bnneck_variables():
   """BNNeck model variables with a random neck scale and running statistics."""
   model = models.ReIDModel(num_classes=7, **TINY)
-  params, stats = models.initialize(model, jax.random.PRNGKey(0), TINY_SHAPE[1:3])
+  params, stats = initialize(model, jax.random.PRNGKey(0), TINY_SHAPE[1:3])
   variables = jax.tree_util.tree_map(np.asarray,
                                      {'params': params, 'batch_stats': stats})
   rng = np.random.default_rng(0)
@@ -262,7 +252,7 @@ def test_bnneck_train_outputs(tiny_input, bnneck_variables):
 
 def test_no_neck(tiny_input):
   model = models.ReIDModel(num_classes=5, neck='no', neck_feat='after', **TINY)
-  params, stats = models.initialize(model, jax.random.PRNGKey(0), TINY_SHAPE[1:3])
+  params, stats = initialize(model, jax.random.PRNGKey(0), TINY_SHAPE[1:3])
   assert 'bottleneck' not in params and 'bottleneck' not in stats
   assert set(params['classifier']) == {'kernel', 'bias'}
   # BoT leaves this classifier at PyTorch's default Linear init:
@@ -318,7 +308,7 @@ def test_gem_in_model(tiny_input, bnneck_variables):
 def test_initialization_statistics():
   model = models.ReIDModel(num_classes=1000, backbone='resnet50',
                            stage_sizes=(1,), width=32, pooling='gem')
-  params, stats = models.initialize(model, jax.random.PRNGKey(0), (16, 8))
+  params, stats = initialize(model, jax.random.PRNGKey(0), (16, 8))
   for leaf in jax.tree_util.tree_leaves((params, stats)):
     assert leaf.dtype == jnp.float32
   np.testing.assert_array_equal(params['gem']['p'], [3.0])

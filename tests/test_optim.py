@@ -240,3 +240,71 @@ def test_center_update_is_plain_sgd_on_unweighted_grad():
     updates, state = tx.update(grads, state, params)
     np.testing.assert_allclose(updates['center'], -0.5 * 2e-4 / 5e-4 * np.ones(
         (3, 2)), rtol=1e-6)
+
+
+def test_reference_gpus_scale_weights_lr_but_not_biases_as_the_variant():
+  """The variant's make_optimizer on 2 GPUs: weights BASE_LR * 2, biases BASE_LR * factor."""
+  from configs import syncbn_market  # pylint: disable=g-import-not-at-top
+  from reid_jax import config_lib  # pylint: disable=g-import-not-at-top
+  num_gpus, spe, num_epochs = 2, 2, 3
+  config = syncbn_market.get_config()
+  config.num_reference_gpus = num_gpus
+  config_lib.resolve_reference_gpus(config)
+  rng = np.random.default_rng(4)
+  params = _params(rng)
+  del params['center']  # the variant has no center loss
+  grads_seq = [jax.tree_util.tree_map(
+      lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+               for _ in range(spe * num_epochs)]
+
+  # Torch: the variant's optim.py (make_optimizer with num_gpus) and WarmupMultiStepLR,
+  # stepped once at construction and once per epoch as its trainer does.
+  base_lr, bias_lr_factor, weight_decay, weight_decay_bias = 1e-4, 1, 5e-4, 5e-4
+  tp = jax.tree_util.tree_map(lambda p: torch.nn.Parameter(torch.tensor(p)), params)
+  groups = []
+  for mod in ('conv', 'bn'):
+    for key, value in tp[mod].items():
+      lr = base_lr * num_gpus  # linear scaling rule
+      wd = weight_decay
+      if 'bias' in key:
+        lr = base_lr * bias_lr_factor
+        wd = weight_decay_bias
+      groups.append({'params': [value], 'lr': lr, 'weight_decay': wd})
+  opt = torch.optim.Adam(groups)
+  sched = _WarmupMultiStepLR(opt, list(range(30, 256, 15)), 0.6, 0.01, 10, 'linear')
+  step = 0
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    for _ in range(num_epochs):
+      sched.step()
+      for _ in range(spe):
+        g = grads_seq[step]
+        for mod in ('conv', 'bn'):
+          for key, value in tp[mod].items():
+            value.grad = torch.tensor(g[mod][key])
+        opt.step()
+        step += 1
+  lrs = sorted({g['lr'] for g in opt.param_groups})
+  assert len(lrs) == 2 and lrs[1] == pytest.approx(2 * lrs[0])  # weights, biases
+
+  tx = optim.create_optimizer(config, spe)
+  jp = jax.tree_util.tree_map(jnp.asarray, params)
+  state = tx.init(jp)
+
+  @jax.jit
+  def update(p, s, g):
+    u, s = tx.update(g, s, p)
+    return jax.tree_util.tree_map(lambda a, b: a + b, p, u), s
+
+  for g in grads_seq:
+    jp, state = update(jp, state, g)
+  lr_fn = optim.create_lr_schedule(config, spe)
+  factor = optim.lr_factor_at_epoch(config.schedule, num_epochs - 1, config.num_epochs)
+  np.testing.assert_allclose(lr_fn(spe * num_epochs - 1), 2e-4 * factor, rtol=1e-6)
+  for path, got in jax.tree_util.tree_leaves_with_path(jp):
+    want = tp[path[0].key][path[1].key].detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=str(path))
+  # The two groups really moved by different amounts (else the test could not fail).
+  moved = {k: np.abs(np.asarray(jp['conv'][k]) - params['conv'][k]).mean()
+           for k in ('kernel', 'bias')}
+  assert moved['kernel'] > 1.5 * moved['bias']

@@ -318,6 +318,66 @@ def test_prefetch_to_device_values_and_sharding():
         np.testing.assert_array_equal(np.asarray(d[key]), h[key])
 
 
+def test_prefetch_to_device_sends_only_the_given_keys():
+  host = [dict(b, index=np.arange(8, dtype=np.int32).reshape(4, 2))
+          for b in _host_batches(2)]
+  on_device = list(pipeline.prefetch_to_device(host, size=1, keys=('image', 'label')))
+  for h, d in zip(host, on_device):
+    assert sorted(d) == ['image', 'label']
+    np.testing.assert_array_equal(np.asarray(d['label']), h['label'])
+  it = pipeline.prefetch_to_device(host, size=1, keys=('image', 'position'))
+  with pytest.raises(KeyError, match=r"no \['position'\].*has \['image', 'index', 'label'\]"):
+    next(it)
+
+
+def test_host_buffers_are_reused_only_when_nothing_refers_to_them():
+  from input_pipeline.prefetch import HostBuffers  # pylint: disable=g-import-not-at-top
+  pool = HostBuffers(max_buffers=2)
+  a = pool.empty((3, 50), np.float32)
+  first = a.ctypes.data
+  assert first % 64 == 0 and a.shape == (3, 50) and a.dtype == np.float32
+  b = pool.empty((3, 50), np.float32)
+  view = a[1:]  # a view keeps its buffer in use
+  del a
+  c = pool.empty((3, 50), np.float32)  # both pooled buffers in use: a fresh one
+  assert not np.shares_memory(c, view) and not np.shares_memory(c, b)
+  del view, c
+  d = pool.empty((3, 50), np.float32)
+  assert d.ctypes.data == first  # free again: reused
+  # A device array using the host memory in place keeps it in use until deleted.
+  on_device = jax.device_put(d, jax.local_devices()[0])
+  if on_device.unsafe_buffer_pointer() == first:  # jax's CPU client: no copy
+    del d
+    e = pool.empty((3, 50), np.float32)
+    assert e.ctypes.data != first
+    del e, on_device
+    gc.collect()
+    # jax lets go of the host array when the device buffer is freed (maybe a moment
+    # later, from one of its threads).
+    deadline = time.monotonic() + 10
+    while pool.empty((3, 50), np.float32).ctypes.data != first:
+      assert time.monotonic() < deadline, 'the buffer was never released'
+      time.sleep(0.01)
+
+
+def test_cached_batches_are_aligned_and_put_on_cpu_devices_without_a_copy(records):
+  """The cache's gathers are 64-byte aligned: jax's CPU devices use them in place."""
+  stream = _stream(records, _config(), num=2 * SPE, devices=4, cache='host')
+  batches = list(stream)
+  assert all(b['image'].ctypes.data % 64 == 0 for b in batches)
+  assert all(b['image'].flags.c_contiguous for b in batches)
+  # Two batches never share memory (a batch may still be read by the devices).
+  assert not np.shares_memory(batches[-1]['image'], batches[-2]['image'])
+  host = batches[-1]['image']
+  on_device = next(pipeline.prefetch_to_device([batches[-1]], size=1,
+                                               keys=pipeline.TRAIN_DEVICE_KEYS))
+  assert sorted(on_device) == sorted(pipeline.TRAIN_DEVICE_KEYS)  # no 'index'
+  shards = sorted(on_device['image'].addressable_shards, key=lambda s: s.index[0].start)
+  for i, shard in enumerate(shards):
+    assert shard.data.unsafe_buffer_pointer() == host[i].ctypes.data  # in place
+  np.testing.assert_array_equal(np.asarray(on_device['image']), host)
+
+
 def test_prefetch_to_device_reraises_source_errors():
   def source():
     yield from _host_batches(2)

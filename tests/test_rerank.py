@@ -5,6 +5,7 @@ import pytest
 
 from eval import distance
 from eval import rerank
+from eval import rerank_neighbours
 
 
 def reference_re_ranking(prob_fea, gal_fea, k1, k2, lambda_value, metric='euclidean'):
@@ -182,3 +183,39 @@ def test_memory_limit():
     rerank.re_ranking(big_q, big_g)
   # MSMT17 size fits the default limit.
   assert rerank.memory_bytes(11659, 82161, 2048) < distance.DEFAULT_MAX_DENSE_BYTES
+
+
+@pytest.mark.parametrize('num_query, num_gallery, dim, block_size, on_host', [
+    (30, 90, 2, 16, True),  # 8 blocks, straddling the query-gallery boundary
+    (7, 50, 3, 3, True),  # tiles narrower than k
+    (60, 61, 3, 1000, True),  # one tile: partial selections only
+    (30, 90, 2, 16, False),  # jax.lax.top_k on the device
+])
+def test_neighbour_lists_with_ties(num_query, num_gallery, dim, block_size, on_host):
+  # Small integer features: every distance is an exact integer in float32,
+  # whatever the summation order, and most distances are tied. The lists must
+  # be numpy's stable argsort of the exact matrix (ties to the lower index).
+  num = num_query + num_gallery
+  feats = np.random.default_rng(6).integers(-2, 3, (num, dim)).astype(np.float32)
+  dist = ((feats[:, None, :] - feats[None, :, :])**2).sum(-1)
+  padded = np.zeros((rerank_neighbours.padded_rows(num, block_size), dim), np.float32)
+  padded[:num] = feats
+  for k in (1, 21, num):
+    order = np.argsort(dist, axis=1, kind='stable')[:, :k]
+    out = np.empty((num_query, num_gallery), np.float32)
+    row_max, nn, nn_dist = rerank_neighbours.neighbour_pass(padded, num, num_query, k,
+                                                            block_size, out, on_host)
+    np.testing.assert_array_equal(nn, order)
+    np.testing.assert_array_equal(nn_dist, np.take_along_axis(dist, order, axis=1))
+    np.testing.assert_array_equal(row_max, dist.max(axis=0))
+    np.testing.assert_array_equal(out, dist[:num_query, num_query:])
+
+
+def test_device_selection_matches_reference():
+  feats = clustered_features(0, 240)
+  q, g = feats[:50], feats[50:]
+  expected = reference_re_ranking(q, g, 20, 6, 0.3)
+  got = rerank.re_ranking(q, g, 20, 6, 0.3, block_size=64, neighbours_on_host=False)
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(
+      got, rerank.re_ranking(q, g, 20, 6, 0.3, block_size=64, neighbours_on_host=True))

@@ -183,3 +183,27 @@ def test_shuffle_sampler():
   assert s.epoch_batches(0, num_steps=25).shape == (25, 10)
   with pytest.raises(ValueError, match='config.batch_size'):
     sampler_lib.ShuffleSampler(103, 10, seed=0, num_shards=4)
+
+
+@pytest.mark.parametrize('batch_size,k,shards', [
+    (128, 16, 16),  # the variant's 2-GPU batch on 16 devices: half an identity each
+    (24, 4, 4),  # 6 images per device: identities straddle device boundaries
+])
+def test_identities_may_span_devices_with_equal_shares(batch_size, k, shards):
+  pids = _market_like_pids()
+  s = sampler_lib.RandomIdentitySampler(pids, batch_size, k, seed=5, num_shards=shards)
+  one = sampler_lib.RandomIdentitySampler(pids, batch_size, k, seed=5, num_shards=1)
+  batches = s.epoch_batches(0)
+  # The device count only splits the batch: the same batches as on one device.
+  np.testing.assert_array_equal(batches, one.epoch_batches(0))
+  for batch in batches:
+    blocks = pids[batch].reshape(-1, k)
+    assert (blocks == blocks[:, :1]).all()
+    assert len(set(blocks[:, 0].tolist())) == batch_size // k
+    shares = np.split(batch, shards)  # raises unless every device gets an equal share
+    assert {len(x) for x in shares} == {batch_size // shards}
+  # Some identity's K images do sit on two devices: a block crosses a device boundary.
+  share, first = batch_size // shards, pids[batches[0]]
+  crossing = [b for b in range(share, batch_size, share)
+              if b % k and first[b - 1] == first[b]]
+  assert crossing

@@ -115,7 +115,7 @@ def test_load_train_test_tfds(prepared):
       'test_dataset': 'partial_ilids', 'test_data_dir': str(ilids),
       'data_format': 'tfds', 'tfds_data_dir': prepared['data_dir']})
   config.verify_images = False
-  train_source, test_source = data_source.load_train_test(config)
+  train_source, (test_source,) = data_source.load_train_test(config)
   train, test = train_source.dataset, test_source.dataset
   assert train == market.read_market1501(prepared['root'], verify=True)
   assert test == catalog.load_dataset('partial_ilids', str(ilids))

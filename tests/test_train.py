@@ -107,7 +107,7 @@ def test_reported_map_equals_plain_model_apply_and_numpy_map(trained, data_dir):
     feats = np.asarray(model(variables, images, train=False))
     return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
-  q, g = exp.test_source.dataset.query, exp.test_source.dataset.gallery
+  q, g = exp.test_sources[0].dataset.query, exp.test_sources[0].dataset.gallery
   qf, gf = embed(q), embed(g)
   distmat = (qf ** 2).sum(1)[:, None] + (gf ** 2).sum(1)[None] - 2 * qf @ gf.T
   expected = _numpy_market_map(distmat, np.array([r.pid for r in q]),

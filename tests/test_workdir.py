@@ -154,3 +154,24 @@ def test_config_differences_name_the_model_fields_only(tmp_path):
   given = default_config.get_config()
   given.model.neck = 'no'
   assert workdir_lib.config_differences(saved, given) == {}
+
+
+def test_eval_only_warns_when_the_workdir_was_trained_with_another_model(tmp_path, caplog):
+  from reid_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  trained = default_config.get_config()
+  workdir_lib.write_run_files(workdir, trained, {f'p{i}': i for i in range(751)})
+  with caplog.at_level(logging.WARNING):
+    train._warn_if_model_changed(workdir, default_config.get_config(), 751)
+  assert not caplog.records  # the same model: nothing to say
+  given = default_config.get_config()
+  given.model.last_stride = 2
+  given.optim.base_lr = 1.0  # not a model field
+  with caplog.at_level(logging.WARNING):
+    train._warn_if_model_changed(workdir, given, 702)
+  (record,) = caplog.records
+  assert record.getMessage() == (
+      f'The config differs from the one the checkpoints in {workdir} were trained with, '
+      'in fields that change the model:\n'
+      '  model.last_stride: 1 in the workdir, 2 now\n'
+      '  num_classes: 751 in the workdir, 702 now')

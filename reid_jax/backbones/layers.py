@@ -3,16 +3,18 @@
 PyTorch-faithful primitives: bias-free convolutions with PyTorch's explicit
 symmetric padding, the BatchNorm used everywhere (PyTorch defaults, cross-device
 statistics through `axis_name`), PyTorch's default initialisers and its stem max
-pooling. They live here, below both `reid_jax.models` and the backbone modules, so
-that neither imports the other's module. `reid_jax.models` re-exports them under
-their historical names (`_batch_norm`, `_conv`, `Conv`, `conv_kernel_init`,
-`stem_max_pool`, ...).
+pooling; and the residual structure every backbone shares: `ResidualBlock` (a
+conv-BN chain, an optional channel rescaling such as SE, the skip path) and
+`residual_stages` (where torchvision's layer1..layer4 put their blocks, strides and
+downsamples). They live here, below both `reid_jax.models` and the backbone
+modules, so that neither imports the other's module.
 
 `Conv.input_barrier`: see the CPU speed note (`conv_input_barrier`) in
 `reid_jax.models`; values are unchanged either way.
 """
 
-from typing import Any, Callable, Optional, Sequence, Tuple
+import dataclasses
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -172,3 +174,235 @@ def max_pool_ceil(x: Array, kernel: int = 3, stride: int = 2) -> Array:
   pads: Tuple[Tuple[int, int], ...] = tuple(
       (0, _ceil_mode_extra(int(s), kernel, stride)) for s in x.shape[1:3])
   return nn.max_pool(x, (kernel, kernel), strides=(stride, stride), padding=pads)
+
+
+class ConvNetModule(nn.Module):
+  """The settings every backbone module shares (keyword-only fields).
+
+  Attributes:
+    dtype: compute dtype of activations; params and statistics stay float32.
+    bn_axis_name: axis name for cross-device BatchNorm statistics.
+    conv_input_barrier: see `reid_jax.models` (CPU speed only; values unchanged).
+  """
+  dtype: Dtype = dataclasses.field(default=jnp.float32, kw_only=True)
+  bn_axis_name: Optional[str] = dataclasses.field(default=None, kw_only=True)
+  conv_input_barrier: bool = dataclasses.field(default=False, kw_only=True)
+
+  @nn.nowrap
+  def settings(self) -> dict:
+    """These settings, as keyword arguments for a submodule."""
+    return dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                conv_input_barrier=self.conv_input_barrier)
+
+
+class Backbone(ConvNetModule):
+  """A backbone: `module(x, train)` maps (N, H, W, 3) images to layer4's feature map.
+
+  Attributes:
+    stage_sizes: blocks in layer1..layer4.
+    last_stride: stride of layer4 (1 for the re-ID baseline, 2 in torchvision).
+    width: planes of layer1 (64 as published); stage i uses width * 2**i.
+  """
+  stage_sizes: Sequence[int]
+  last_stride: int = 1
+  width: int = 64
+
+  def __call__(self, x: Array, train: bool) -> Array:
+    """Computes layer4's feature map (subclasses: a compact method).
+
+    Args:
+      x: (N, H, W, 3) images.
+      train: use batch statistics (and update running ones) if True.
+
+    Returns:
+      (N, H', W', C) in `dtype`, about (H, W) / 16 with last_stride 1 and / 32 with
+      2; each subclass says C.
+    """
+    raise NotImplementedError
+
+
+class ConvSpec(NamedTuple):
+  """One conv of a residual branch (bias-free, padding kernel // 2).
+
+  Attributes:
+    features: output channels.
+    kernel: square kernel size.
+    stride: stride (both dimensions).
+    groups: torch's `groups`.
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  groups: int = 1
+
+
+def bottleneck_convs(planes: int, stride: int) -> Tuple[ConvSpec, ...]:
+  """torchvision's Bottleneck (v1.5): 1x1, 3x3 with the stride, 1x1 to 4 * planes."""
+  return (ConvSpec(planes, 1), ConvSpec(planes, 3, stride), ConvSpec(4 * planes, 1))
+
+
+def stem(x: Array, train: bool, convs: Sequence[ConvSpec], dtype: Dtype,
+         bn_axis_name: Optional[str], conv_input_barrier: bool,
+         kernel_init: Initializer = conv_kernel_init) -> Array:
+  """A backbone's stem before its pooling: `conv{k}` - `bn{k}` - ReLU for each conv.
+
+  torchvision's (and IBN-a's) is one 7x7 conv with stride 2; Cadene's SENets use one
+  7x7 or three 3x3 convs. Call it inside the backbone's compact `__call__`.
+
+  Args:
+    x: (N, H, W, 3) images, cast to `dtype` first.
+    train: use batch statistics (and update running ones) if True.
+    convs: the stem's convs, in order.
+    dtype: compute dtype.
+    bn_axis_name: axis name for cross-device BatchNorm statistics.
+    conv_input_barrier: see `reid_jax.models` (CPU speed only).
+    kernel_init: initialiser of the conv kernels.
+
+  Returns:
+    The (N, H', W', convs[-1].features) activations, before the stem's max pool.
+  """
+  x = jnp.asarray(x, dtype)
+  for k, spec in enumerate(convs, start=1):
+    x = conv(spec.features, spec.kernel, spec.stride, dtype, f'conv{k}',
+             conv_input_barrier, groups=spec.groups, kernel_init=kernel_init)(x)
+    x = nn.relu(batch_norm(train, dtype, bn_axis_name, f'bn{k}')(x))
+  return x
+
+
+class ResidualBlock(ConvNetModule):
+  """The residual block of every backbone: relu(excite(branch(x)) + skip(x)).
+
+  branch: `conv{k}` - `bn{k}` for the k-th of `convs`, with a ReLU after each but the
+  last; skip: the identity, or `downsample_conv` (a `downsample_kernel` conv whose
+  stride is the branch's, to the branch's channels) - `downsample_bn`. torchvision's
+  BasicBlock / Bottleneck, IBN-a's Bottleneck_IBN (`norm1`) and Cadene's SE
+  bottlenecks (`excite`) are instances; variable names mirror their torch keys.
+
+  Attributes:
+    convs: the branch's convs, in order.
+    downsample_kernel: kernel of the skip conv; 0 = identity skip.
+    kernel_init: initialiser of every conv kernel.
+    norm1: builds the first norm as `norm1(train, dtype, bn_axis_name, name='bn1')`
+      (default `batch_norm`; IBN-a passes its IBN layer).
+    excite: builds the module applied to the branch's output before the add (e.g.
+      a squeeze-and-excitation module with its name); None: nothing.
+  """
+  convs: Tuple[ConvSpec, ...]
+  downsample_kernel: int = 0
+  kernel_init: Initializer = conv_kernel_init
+  norm1: Callable[..., nn.Module] = batch_norm
+  excite: Optional[Callable[[], nn.Module]] = None
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    """Applies the block.
+
+    Args:
+      x: (N, H, W, C) input.
+      train: use batch statistics (and update running ones) if True.
+
+    Returns:
+      (N, H', W', convs[-1].features) output.
+    """
+    out = x
+    for k, spec in enumerate(self.convs, start=1):
+      out = conv(spec.features, spec.kernel, spec.stride, self.dtype, f'conv{k}',
+                 self.conv_input_barrier, groups=spec.groups,
+                 kernel_init=self.kernel_init)(out)
+      norm = self.norm1 if k == 1 else batch_norm
+      out = norm(train, self.dtype, self.bn_axis_name, name=f'bn{k}')(out)
+      if k < len(self.convs):
+        out = nn.relu(out)
+    if self.excite is not None:
+      out = self.excite()(out)
+    identity = x
+    if self.downsample_kernel:
+      stride = 1
+      for spec in self.convs:
+        stride *= spec.stride
+      identity = conv(self.convs[-1].features, self.downsample_kernel, stride,
+                      self.dtype, 'downsample_conv', self.conv_input_barrier,
+                      kernel_init=self.kernel_init)(x)
+      identity = batch_norm(train, self.dtype, self.bn_axis_name, 'downsample_bn')(
+          identity)
+    return nn.relu(out + identity)
+
+
+class BlockPlace(NamedTuple):
+  """Where a block sits in the stages (see `residual_stages`).
+
+  Attributes:
+    name: the block's module name, `layer{stage + 1}_{index}`.
+    stage: 0-based stage.
+    planes: the stage's width, `width * 2**stage`.
+    stride: the block's stride.
+    downsample: whether its skip path needs a conv (it changes the shape).
+  """
+  name: str
+  stage: int
+  planes: int
+  stride: int
+  downsample: bool
+
+
+def residual_stages(stage_sizes: Sequence[int], width: int, last_stride: int,
+                    in_channels: int, expansion: int) -> Iterator[BlockPlace]:
+  """The blocks of torchvision's layer1..layer4, which IBN-a and SENet share.
+
+  Stage i has planes width * 2**i and `stage_sizes[i]` blocks; its first block has
+  stride 1 (layer1), 2 (layer2, layer3) or `last_stride` (layer4) and a downsampling
+  skip path when it changes the stride or the channels (planes * expansion).
+
+  Args:
+    stage_sizes: blocks per stage.
+    width: planes of the first stage.
+    last_stride: stride of the fourth stage.
+    in_channels: channels entering the first stage (the stem's).
+    expansion: output channels of a block over its planes.
+
+  Yields:
+    One `BlockPlace` per block, in order.
+  """
+  check_choice('last_stride', last_stride, (1, 2))
+  for i, num_blocks in enumerate(stage_sizes):
+    planes = width * 2**i
+    stage_stride = 1 if i == 0 else (last_stride if i == 3 else 2)
+    for j in range(num_blocks):
+      stride = stage_stride if j == 0 else 1
+      downsample = j == 0 and (stride != 1 or in_channels != planes * expansion)
+      yield BlockPlace(f'layer{i + 1}_{j}', i, planes, stride, downsample)
+      in_channels = planes * expansion
+
+
+def torchvision_resnet(backbone: Backbone, x: Array, train: bool,
+                       block_convs: Callable[[int, int], Tuple[ConvSpec, ...]],
+                       expansion: int,
+                       norm1: Optional[Callable[[int], Callable[..., nn.Module]]] = None
+                       ) -> Array:
+  """torchvision's ResNet layout, inside a backbone's compact `__call__`.
+
+  conv1 (7x7, stride 2, `width` channels) - bn1 - ReLU - max pool (3x3, stride 2,
+  padding 1), then the residual stages of `ResidualBlock`s.
+
+  Args:
+    backbone: the calling module (its stage sizes, last stride, width, settings).
+    x: (N, H, W, 3) images.
+    train: use batch statistics (and update running ones) if True.
+    block_convs: a block's branch convs for (planes, stride).
+    expansion: a block's output channels over its planes.
+    norm1: the first norm of the blocks of stage i is norm1(i) (see
+      `ResidualBlock.norm1`); None: `batch_norm` everywhere.
+
+  Returns:
+    layer4's (N, H/16 or H/32, W/16 or W/32, expansion * width * 2**(stages - 1))
+    feature map in `backbone.dtype`.
+  """
+  x = stem(x, train, (ConvSpec(backbone.width, 7, 2),), **backbone.settings())
+  x = stem_max_pool(x)
+  for place in residual_stages(backbone.stage_sizes, backbone.width,
+                               backbone.last_stride, backbone.width, expansion):
+    x = ResidualBlock(convs=block_convs(place.planes, place.stride),
+                      downsample_kernel=int(place.downsample),
+                      norm1=batch_norm if norm1 is None else norm1(place.stage),
+                      name=place.name, **backbone.settings())(x, train)
+  return x

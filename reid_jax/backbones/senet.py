@@ -35,7 +35,7 @@ Fidelity notes:
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -102,64 +102,37 @@ class SEModule(nn.Module):
     return x * s
 
 
-class SEBottleneck(nn.Module):
-  """One of Cadene's SE bottlenecks (see the module docstring for `block`).
+def se_convs(block: str, planes: int, stride: int, groups: int,
+             base_width: int) -> Tuple[layers.ConvSpec, ...]:
+  """The branch convs of one of Cadene's SE bottlenecks (see the module docstring).
 
-  Attributes:
-    planes: stage width; the output has 4 * planes channels.
+  Args:
     block: 'se_resnet', 'se_resnext' or 'se' (SENet-154).
-    groups: groups of the 3x3 conv.
-    reduction: SE reduction.
-    base_width: SE-ResNeXt's width per group at planes = 64 (4 for 32x4d).
+    planes: stage width; the output has 4 * planes channels.
     stride: the block's stride (on conv1 for 'se_resnet', else on conv2).
-    downsample_kernel: kernel of the downsample conv, 0 = no downsample.
-    dtype: compute dtype.
-    bn_axis_name: axis name for cross-device BatchNorm statistics.
-    conv_input_barrier: see `reid_jax.models` (CPU speed only).
+    groups: groups of the 3x3 conv.
+    base_width: SE-ResNeXt's width per group at planes = 64 (4 for 32x4d).
+
+  Returns:
+    conv1 (1x1), conv2 (3x3, grouped), conv3 (1x1 to 4 * planes).
   """
-  planes: int
-  block: str
-  groups: int
-  reduction: int = 16
-  base_width: int = 4
-  stride: int = 1
-  downsample_kernel: int = 0
-  dtype: Dtype = jnp.float32
-  bn_axis_name: Optional[str] = None
-  conv_input_barrier: bool = False
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    """Applies the block to (N, H, W, C); returns (N, H', W', 4 * planes)."""
-    bn = functools.partial(layers.batch_norm, train, self.dtype, self.bn_axis_name)
-    conv = functools.partial(layers.conv, dtype=self.dtype,
-                             input_barrier=self.conv_input_barrier,
-                             kernel_init=layers.torch_linear_kernel_init)
-    if self.block == 'se_resnet':
-      width1, width2, stride1, stride2 = self.planes, self.planes, self.stride, 1
-    elif self.block == 'se_resnext':
-      width1 = width2 = (self.planes * self.base_width // 64) * self.groups
-      stride1, stride2 = 1, self.stride
-    else:
-      width1, width2, stride1, stride2 = 2 * self.planes, 4 * self.planes, 1, self.stride
-    out = nn.relu(bn('bn1')(conv(width1, 1, stride1, name='conv1')(x)))
-    out = conv(width2, 3, stride2, groups=self.groups, name='conv2')(out)
-    out = nn.relu(bn('bn2')(out))
-    out = bn('bn3')(conv(4 * self.planes, 1, 1, name='conv3')(out))
-    out = SEModule(self.reduction, self.dtype, name='se_module')(out)
-    identity = x
-    if self.downsample_kernel:
-      identity = conv(4 * self.planes, self.downsample_kernel, self.stride,
-                      name='downsample_conv')(x)
-      identity = bn('downsample_bn')(identity)
-    return nn.relu(out + identity)
+  if block == 'se_resnet':
+    width1, width2, stride1, stride2 = planes, planes, stride, 1
+  elif block == 'se_resnext':
+    width1 = width2 = (planes * base_width // 64) * groups
+    stride1, stride2 = 1, stride
+  else:
+    width1, width2, stride1, stride2 = 2 * planes, 4 * planes, 1, stride
+  return (layers.ConvSpec(width1, 1, stride1),
+          layers.ConvSpec(width2, 3, stride2, groups),
+          layers.ConvSpec(4 * planes, 1))
 
 
-class SENet(nn.Module):
+class SENet(layers.Backbone):
   """Cadene's SENet without avgpool/dropout/last_linear (returns layer4's map).
 
-  Attributes:
-    stage_sizes: blocks in layer1..layer4.
+  Attributes (besides `layers.Backbone`'s; a width other than 64 is for tiny test
+  models only, and is also the first two 3x3 stem convs' width):
     block: 'se_resnet', 'se_resnext' or 'se'.
     groups: groups of every 3x3 block conv.
     reduction: SE reduction.
@@ -167,72 +140,37 @@ class SENet(nn.Module):
     input_3x3: stem of three 3x3 convs (width, width, inplanes) instead of a 7x7.
     downsample_kernel_size: kernel of the layer2-4 downsample convs (padding
       kernel // 2); layer1's is always 1x1.
-    last_stride: stride of layer4 (1 for the re-ID baseline).
-    width: planes of layer1 (64); layer i uses width * 2**i. Also the first two
-      3x3 stem convs' width. Changing it is for tiny test models only.
     base_width: SE-ResNeXt's width per group (4).
-    dtype: compute dtype of activations; params and statistics stay float32.
-    bn_axis_name: axis name for cross-device BatchNorm statistics.
-    conv_input_barrier: see `reid_jax.models` (CPU speed only).
   """
-  stage_sizes: Sequence[int]
   block: str = 'se_resnet'
   groups: int = 1
   reduction: int = 16
   inplanes: int = 64
   input_3x3: bool = False
   downsample_kernel_size: int = 1
-  last_stride: int = 1
-  width: int = 64
   base_width: int = 4
-  dtype: Dtype = jnp.float32
-  bn_axis_name: Optional[str] = None
-  conv_input_barrier: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    """Computes the final feature map.
-
-    Args:
-      x: (N, H, W, 3) images (H, W >= 7 so the stem pooling has a window).
-      train: use batch statistics (and update running ones) if True.
-
-    Returns:
-      (N, H', W', 4 * width * 2**(stages - 1)) in `dtype`.
-    """
+    """See `layers.Backbone`; C = 4 * width * 2**(stages - 1); H, W >= 7 (stem pool)."""
     layers.check_choice('block', self.block, BLOCKS)
-    layers.check_choice('last_stride', self.last_stride, (1, 2))
-    bn = functools.partial(layers.batch_norm, train, self.dtype, self.bn_axis_name)
-    conv = functools.partial(layers.conv, dtype=self.dtype,
-                             input_barrier=self.conv_input_barrier,
-                             kernel_init=layers.torch_linear_kernel_init)
-    x = jnp.asarray(x, self.dtype)
+    conv = layers.ConvSpec
     if self.input_3x3:
-      stem = ((self.width, 3, 2), (self.width, 3, 1), (self.inplanes, 3, 1))
+      stem = (conv(self.width, 3, 2), conv(self.width, 3, 1), conv(self.inplanes, 3, 1))
     else:
-      stem = ((self.inplanes, 7, 2),)
-    for k, (features, kernel, stride) in enumerate(stem, start=1):
-      x = nn.relu(bn(f'bn{k}')(conv(features, kernel, stride, name=f'conv{k}')(x)))
+      stem = (conv(self.inplanes, 7, 2),)
+    x = layers.stem(x, train, stem, kernel_init=layers.torch_linear_kernel_init,
+                    **self.settings())
     x = layers.max_pool_ceil(x, 3, 2)
-    in_channels = self.inplanes
-    for i, num_blocks in enumerate(self.stage_sizes):
-      planes = self.width * 2**i
-      stage_stride = 1 if i == 0 else (self.last_stride if i == 3 else 2)
-      for j in range(num_blocks):
-        stride = stage_stride if j == 0 else 1
-        downsample = j == 0 and (stride != 1 or in_channels != planes * 4)
-        x = SEBottleneck(
-            planes=planes,
-            block=self.block,
-            groups=self.groups,
-            reduction=self.reduction,
-            base_width=self.base_width,
-            stride=stride,
-            downsample_kernel=(0 if not downsample else
-                               1 if i == 0 else self.downsample_kernel_size),
-            dtype=self.dtype,
-            bn_axis_name=self.bn_axis_name,
-            conv_input_barrier=self.conv_input_barrier,
-            name=f'layer{i + 1}_{j}')(x, train)
-        in_channels = planes * 4
+    for place in layers.residual_stages(self.stage_sizes, self.width, self.last_stride,
+                                        self.inplanes, expansion=4):
+      x = layers.ResidualBlock(  # SEResNetBottleneck, SEResNeXtBottleneck, SEBottleneck
+          convs=se_convs(self.block, place.planes, place.stride, self.groups,
+                         self.base_width),
+          downsample_kernel=(0 if not place.downsample else
+                             1 if place.stage == 0 else self.downsample_kernel_size),
+          kernel_init=layers.torch_linear_kernel_init,
+          excite=functools.partial(SEModule, self.reduction, self.dtype,
+                                   name='se_module'),
+          name=place.name, **self.settings())(x, train)
     return x
