@@ -10,13 +10,15 @@ metrics are far from trivial.
 Stages (Market size, 3,368 queries x 15,913 gallery, 2048-d):
   distance       eval.distance.euclidean_distance (squared, as BoT)
   evaluate       eval.metrics.evaluate, first call (with compilation) and warm
-  evaluate_numpy torchreid/BoT per-query numpy loop, same distance matrix
+  evaluate_numpy torchreid/BoT per-query numpy loop (tests/eval_reference.py's
+                 `reference_market`, with the baselines' default sort), same matrix
   rerank         eval.rerank.re_ranking
   rerank_baseline  the same with eval/rerank.py taken from --rerank_baseline
                  (e.g. `git show HEAD~1:eval/rerank.py > /tmp/rerank_before.py`),
                  --rerank_repeats times, alternating with `rerank`, each in a
                  fresh process: a side-by-side comparison on the same features
-  rerank_numpy   the standard dense numpy re-ranking (float32 V), same features
+  rerank_numpy   the standard dense numpy re-ranking (float32 V; tests/eval_reference.py's
+                 `reference_re_ranking`), same features
   features       eval.metrics.rank_features (streamed, no distance matrix) and,
                  in the same process, distance + evaluate on the dense matrix
                  (the same figures are checked), then with TPR@FPR
@@ -112,89 +114,13 @@ def make_problem(seed: int, num_query: int, num_gallery: int, num_ids: int,
 # Reference numpy implementations (what the PyTorch baselines run).
 
 
-def numpy_eval(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-  """torchreid eval_market1501 / BoT eval_func (with AGW's mINP), numpy loop."""
-  num_q, num_g = distmat.shape
-  max_rank = min(max_rank, num_g)
-  indices = np.argsort(distmat, axis=1)
-  matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
-  all_cmc, all_ap, all_inp = [], [], []
-  for q_idx in range(num_q):
-    order = indices[q_idx]
-    remove = (g_pids[order] == q_pids[q_idx]) & (g_camids[order] == q_camids[q_idx])
-    raw_cmc = matches[q_idx][np.invert(remove)]
-    if not np.any(raw_cmc):
-      continue
-    cmc = raw_cmc.cumsum()
-    pos_idx = np.where(raw_cmc == 1)
-    max_pos_idx = np.max(pos_idx)
-    all_inp.append(cmc[max_pos_idx] / (max_pos_idx + 1.0))
-    cmc[cmc > 1] = 1
-    all_cmc.append(cmc[:max_rank])
-    num_rel = raw_cmc.sum()
-    tmp_cmc = raw_cmc.cumsum()
-    tmp_cmc = [x / (i + 1.0) for i, x in enumerate(tmp_cmc)]
-    tmp_cmc = np.asarray(tmp_cmc) * raw_cmc
-    all_ap.append(tmp_cmc.sum() / num_rel)
-  all_cmc = np.asarray(all_cmc).astype(np.float32).sum(0) / len(all_ap)
-  return all_cmc, np.mean(all_ap), np.mean(all_inp)
-
-
-def numpy_re_ranking(prob_fea, gal_fea, k1=20, k2=6, lambda_value=0.3):
-  """The standard numpy k-reciprocal re-ranking on features (float32 V)."""
-  query_num = prob_fea.shape[0]
-  feat = np.concatenate([prob_fea, gal_fea]).astype(np.float32)
-  all_num = feat.shape[0]
-  sq = np.sum(feat ** 2, axis=1, keepdims=True)
-  original_dist = sq + sq.T
-  original_dist -= 2 * feat @ feat.T
-  del feat, sq
-  gallery_num = original_dist.shape[0]
-  original_dist = np.transpose(original_dist / np.max(original_dist, axis=0))
-  V = np.zeros_like(original_dist).astype(np.float32)
-  initial_rank = np.argsort(original_dist).astype(np.int32)
-  for i in range(all_num):
-    forward_k_neigh_index = initial_rank[i, :k1 + 1]
-    backward_k_neigh_index = initial_rank[forward_k_neigh_index, :k1 + 1]
-    fi = np.where(backward_k_neigh_index == i)[0]
-    k_reciprocal_index = forward_k_neigh_index[fi]
-    k_reciprocal_expansion_index = k_reciprocal_index
-    for j in range(len(k_reciprocal_index)):
-      candidate = k_reciprocal_index[j]
-      candidate_forward_k_neigh_index = initial_rank[candidate, :int(np.around(k1 / 2)) + 1]
-      candidate_backward_k_neigh_index = initial_rank[candidate_forward_k_neigh_index,
-                                                      :int(np.around(k1 / 2)) + 1]
-      fi_candidate = np.where(candidate_backward_k_neigh_index == candidate)[0]
-      candidate_k_reciprocal_index = candidate_forward_k_neigh_index[fi_candidate]
-      if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2 / 3 * len(
-          candidate_k_reciprocal_index):
-        k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index,
-                                                 candidate_k_reciprocal_index)
-    k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
-    weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
-    V[i, k_reciprocal_expansion_index] = weight / np.sum(weight)
-  original_dist = original_dist[:query_num,]
-  if k2 != 1:
-    V_qe = np.zeros_like(V, dtype=np.float32)
-    for i in range(all_num):
-      V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
-    V = V_qe
-    del V_qe
-  del initial_rank
-  invIndex = []
-  for i in range(gallery_num):
-    invIndex.append(np.where(V[:, i] != 0)[0])
-  jaccard_dist = np.zeros_like(original_dist, dtype=np.float32)
-  for i in range(query_num):
-    temp_min = np.zeros(shape=[1, gallery_num], dtype=np.float32)
-    indNonZero = np.where(V[i, :] != 0)[0]
-    indImages = [invIndex[ind] for ind in indNonZero]
-    for j in range(len(indNonZero)):
-      temp_min[0, indImages[j]] = temp_min[0, indImages[j]] + np.minimum(
-          V[i, indNonZero[j]], V[indImages[j], indNonZero[j]])
-    jaccard_dist[i] = 1 - temp_min / (2 - temp_min)
-  final_dist = jaccard_dist * (1 - lambda_value) + original_dist * lambda_value
-  return final_dist[:query_num, query_num:]
+def _eval_reference():
+  """tests/eval_reference.py, the numpy references the tests use too."""
+  tests = str(pathlib.Path(__file__).resolve().parents[1] / 'tests')
+  if tests not in sys.path:
+    sys.path.insert(0, tests)
+  import eval_reference  # pylint: disable=g-import-not-at-top
+  return eval_reference
 
 
 # ----------------------------------------------------------------------------
@@ -265,6 +191,20 @@ def large_problem(num_gallery: int) -> dict:
                       num_cams=MSMT['num_cams'])
 
 
+def _evaluate_twice(distmat: np.ndarray, labels, block_size: int) -> tuple[dict, dict, tuple]:
+  """`eval.metrics.evaluate` measured on its first call (compiling) and warm.
+
+  Returns:
+    (first call's record, warm call's record, (cmc, mAP, mINP)).
+  """
+  from eval import metrics  # pylint: disable=g-import-not-at-top
+  with _Meter() as first:
+    metrics.evaluate(distmat, *labels, block_size=block_size)
+  with _Meter() as warm:
+    out = metrics.evaluate(distmat, *labels, block_size=block_size)
+  return first.record(), warm.record(), out
+
+
 def _module_from_file(name: str, path: str):
   """Imports a module from a file (another version of one of eval's modules)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -324,14 +264,9 @@ def run_stage(stage: str, workdir: pathlib.Path, block_size: int,
     rec.update(m.record())
     np.save(workdir / 'distmat.npy', d)
   elif stage == 'evaluate':
-    d = _load(workdir, 'distmat')
-    labels = _labels(workdir)
-    with _Meter() as m:
-      cmc, mean_ap, minp = metrics.evaluate(d, *labels, block_size=block_size)
-    rec.update(first_call=m.record())
-    with _Meter() as m:
-      cmc, mean_ap, minp = metrics.evaluate(d, *labels, block_size=block_size)
-    rec.update(warm_call=m.record())
+    first, warm, (cmc, mean_ap, minp) = _evaluate_twice(_load(workdir, 'distmat'),
+                                                        _labels(workdir), block_size)
+    rec.update(first_call=first, warm_call=warm)
     rec.update(rank1=float(cmc[0]), rank5=float(cmc[4]), mAP=mean_ap, mINP=minp)
     np.save(workdir / 'cmc_jax.npy', cmc)
     with open(workdir / 'metrics_jax.json', 'w') as f:
@@ -339,8 +274,9 @@ def run_stage(stage: str, workdir: pathlib.Path, block_size: int,
   elif stage == 'evaluate_numpy':
     d = _load(workdir, 'distmat')
     labels = _labels(workdir)
+    reference_market = _eval_reference().reference_market
     with _Meter() as m:
-      cmc, mean_ap, minp = numpy_eval(d, *labels)
+      cmc, mean_ap, minp = reference_market(d, *labels, 50, kind='quicksort')[:3]
     rec.update(m.record())
     rec.update(rank1=float(cmc[0]), mAP=float(mean_ap), mINP=float(minp))
     if (workdir / 'cmc_jax.npy').exists():
@@ -361,8 +297,9 @@ def run_stage(stage: str, workdir: pathlib.Path, block_size: int,
     rec.update(rank1=float(cmc[0]), mAP=mean_ap, mINP=minp)
   elif stage == 'rerank_numpy':
     q, g = _load(workdir, 'q_feats'), _load(workdir, 'g_feats')
+    reference_re_ranking = _eval_reference().reference_re_ranking
     with _Meter() as m:
-      out = numpy_re_ranking(q, g, 20, 6, 0.3)
+      out = reference_re_ranking(q, g, 20, 6, 0.3)
     rec.update(m.record())
     if (workdir / 'rerank_jax.npy').exists():
       rec.update(max_abs_diff=float(np.abs(out - _load(workdir, 'rerank_jax')).max()))
@@ -376,12 +313,8 @@ def run_stage(stage: str, workdir: pathlib.Path, block_size: int,
     rec.update(m.record())
     del q, g
     labels = (prob['q_pids'], prob['g_pids'], prob['q_camids'], prob['g_camids'])
-    with _Meter() as m_eval:
-      cmc, mean_ap, minp = metrics.evaluate(out, *labels, block_size=block_size)
-    rec.update(evaluate_first_call=m_eval.record())
-    with _Meter() as m_eval:
-      cmc, mean_ap, minp = metrics.evaluate(out, *labels, block_size=block_size)
-    rec.update(evaluate_warm_call=m_eval.record())
+    first, warm, (cmc, mean_ap, minp) = _evaluate_twice(out, labels, block_size)
+    rec.update(evaluate_first_call=first, evaluate_warm_call=warm)
     rec.update(rank1=float(cmc[0]), mAP=mean_ap, mINP=minp)
   else:
     raise ValueError(f'Unknown stage {stage!r}')

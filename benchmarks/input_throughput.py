@@ -18,7 +18,8 @@ interleaved (run i of every loader, then run i + 1, ...):
 Each figure is the median over --runs runs; every run ends when the last
 augmented batch is ready on the devices. Also printed: the host-only rates (no
 devices, no augmentation) of the stream and the cached path, the cached path's
-delivery to the devices without augmentation, and for every row the images per
+delivery to the devices without augmentation, the device augmentation alone on
+a batch already on the devices (the cached path's ceiling here), and for every row the images per
 CPU-second (CPU time of all threads of this process, plus the PIL workers'),
 i.e. images/s per core, which a shared machine disturbs less than wall time.
 
@@ -242,17 +243,21 @@ class Bench:
     for _ in range(skip):
       out = step(next(it))
     out.block_until_ready()
+    rate = self._timed_device_steps(lambda _: step(next(it)), steps)
+    it.close()
+    return rate
+
+  def _timed_device_steps(self, step, steps: int) -> Rate:
+    """Times `steps` calls step(i) -> device array, waiting for the last one."""
 
     def run():
       out = None
-      for _ in range(steps):
-        out = step(next(it))
+      for i in range(steps):
+        out = step(i)
       out.block_until_ready()
       return steps * self.args.batch_size
 
-    rate = _timed(run)
-    it.close()
-    return rate
+    return _timed(run)
 
   def stream_devices(self) -> Rate:
     steps = self.args.steps
@@ -266,6 +271,20 @@ class Bench:
     steps = self.args.cached_steps
     return self._to_devices(self._stream('host', self.spe + steps), self.spe, steps,
                             augment=False)
+
+  def augment_only(self) -> Rate:
+    """The device augmentation alone, on one batch already on the devices: the
+    ceiling of the cached path on this machine (no host work at all)."""
+    stream = self._stream('host', 1)
+    batch = next(stream)
+    image = self.jax.device_put(batch['image'], self.sharding)
+    epoch = self.jax.device_put(batch['epoch'], self.sharding)
+    position = np.asarray(batch['position'])
+    self.p_aug(image, epoch, position).block_until_ready()
+    # Other positions: other draws every step.
+    return self._timed_device_steps(
+        lambda i: self.p_aug(image, epoch, position + i * self.args.batch_size),
+        self.args.cached_steps)
 
   def _host_only(self, stream, skip: int, steps: int) -> Rate:
     for _ in range(skip):
@@ -340,7 +359,8 @@ def main(argv: Sequence[str] | None = None) -> None:
              f'PIL Pool({args.workers}) -> devices': bench.pil_devices,
              'stream, host only': bench.stream_host,
              'cached, host only': bench.cached_host,
-             'cached -> devices, no augment': bench.cached_delivery}
+             'cached -> devices, no augment': bench.cached_delivery,
+             'augmentation alone (on devices)': bench.augment_only}
     results = {name: [] for name in names}
     for _ in range(args.runs):
       for name, fn in names.items():

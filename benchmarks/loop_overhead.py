@@ -116,9 +116,9 @@ def _time_loop(exp, config, state, workdir: str) -> _Timing:
   """The whole loop after its first epoch."""
   clock = _StepClock()
   writer_factory = train.metric_writers.create_default_writer
-  evaluation = train.evaluate_lib.run_evaluation
+  evaluate_state = train.evaluation.evaluate_state
   train.metric_writers.create_default_writer = lambda *a, **k: clock
-  train.evaluate_lib.run_evaluation = lambda *a, **k: {'mAP': 0.0}
+  train.evaluation.evaluate_state = lambda *a, **k: {'mAP': 0.0}
   try:
     manager = checkpoint_lib.create_manager(workdir, 1)
     best = checkpoint_lib.create_best_manager(workdir)
@@ -126,7 +126,7 @@ def _time_loop(exp, config, state, workdir: str) -> _Timing:
       train._train_loop(exp, config, workdir, state, manager, best, watch)  # pylint: disable=protected-access
   finally:
     train.metric_writers.create_default_writer = writer_factory
-    train.evaluate_lib.run_evaluation = evaluation
+    train.evaluation.evaluate_state = evaluate_state
   first = exp.steps_per_epoch  # the end of the first epoch: compiled, cache full
   last = max(clock.marks)
   if last <= first:

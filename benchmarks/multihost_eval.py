@@ -5,7 +5,7 @@ MSMT17-size random features clustered by identity (11,659 query x 82,161 gallery
 a file. Then for each process count P, P processes of one jax.distributed run on
 127.0.0.1 (JAX's CPU collectives, one CPU device each; P = 1: a plain single process,
 what one host runs) each read their own share of the rows, as after feature
-extraction (`reid_jax.evaluate.extract_features`: each global batch of
+extraction (`reid_jax.features.extract_features`: each global batch of
 `config.test.batch_size` images split in contiguous columns between the processes),
 into an (N, D) array, then run what evaluation runs after extraction:
 `multihost_eval.gather_rows` (each row sent once, in fixed-size rounds) and

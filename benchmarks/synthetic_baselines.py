@@ -15,12 +15,15 @@ Usage:
   python -m input_pipeline.synthetic --out data/synthetic
   python benchmarks/synthetic_baselines.py --data_dir data/synthetic [--rand_cnn] [--lda]
 
-Everything here is plain numpy (jax only for --rand_cnn) and independent of `eval`.
+Everything here is plain numpy (jax only for --rand_cnn) and independent of `eval`;
+the metric is the numpy reference of the tests (tests/eval_reference.py).
 """
 
 import argparse
 import os
+import pathlib
 import re
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -57,7 +60,7 @@ def load_split(folder: str, keep_junk: bool = False
 
 def market_map(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
                q_cams: np.ndarray, g_cams: np.ndarray) -> tuple[float, float]:
-  """Market-1501 mAP and rank-1.
+  """Market-1501 mAP and rank-1 (tests/eval_reference.py's `reference_market`).
 
   Args:
     distmat: (num_query, num_gallery) distances.
@@ -69,18 +72,14 @@ def market_map(distmat: np.ndarray, q_pids: np.ndarray, g_pids: np.ndarray,
   Returns:
     (mAP, rank-1 accuracy) over queries with at least one valid match.
   """
-  aps, top1 = [], []
-  for i in range(distmat.shape[0]):
-    order = np.argsort(distmat[i], kind='stable')
-    keep = ~((g_pids[order] == q_pids[i]) & (g_cams[order] == q_cams[i]))
-    matches = (g_pids[order] == q_pids[i])[keep]
-    if not matches.any():
-      continue
-    hits = np.cumsum(matches)
-    precision = hits / np.arange(1, len(matches) + 1)
-    aps.append(float((precision * matches).sum() / matches.sum()))
-    top1.append(float(matches[0]))
-  return float(np.mean(aps)), float(np.mean(top1))
+  tests = str(pathlib.Path(__file__).resolve().parents[1] / 'tests')
+  if tests not in sys.path:
+    sys.path.insert(0, tests)
+  import eval_reference  # pylint: disable=g-import-not-at-top
+  _, m_ap, _, per_query = eval_reference.reference_market(distmat, q_pids, g_pids, q_cams,
+                                                          g_cams, 1)
+  top1 = [first == 0 for _, _, first in per_query.values()]
+  return float(m_ap), float(np.mean(top1))
 
 
 def euclidean(q: np.ndarray, g: np.ndarray) -> np.ndarray:

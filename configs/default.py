@@ -3,6 +3,10 @@
 Every other config starts from `get_config()` here and changes what its recipe
 changes. Values derived from others (steps per epoch, P from the batch size and
 K, the compute dtype) are computed in code, never stored here.
+
+Each field is documented here, with the module that reads it ("Read by"); fields
+read in several places say so. `reid_jax.config_lib.validate` checks every field at
+start-up against the allowed values owned by those modules.
 """
 
 import ml_collections
@@ -12,9 +16,13 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
   """Returns the BoT Market-1501 recipe (softmax + triplet, BNNeck, last stride 1)."""
   config = ml_collections.ConfigDict()
+  # The root of every random draw: model init (reid_jax.train), the samplers' epochs
+  # (input_pipeline.pipeline.make_sampler) and the device augmentation keys
+  # (reid_jax.train_step, via train).
   config.seed = 0
 
-  # Data. `dataset` is a name from input_pipeline.catalog; `data_dir` its root.
+  # Data, read by input_pipeline.data_source (the one place that decides where a run's
+  # images come from). `dataset` is a name from input_pipeline.catalog; `data_dir` its root.
   config.dataset = 'market1501'
   config.data_dir = 'data/Market-1501-v15.09.15'
   # Test sets, each evaluated and logged under its label: '[label=]dataset[:data_dir]'
@@ -44,7 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.folder.pattern = r'([-\d]+)_c(\d+)'
 
   # Input and augmentation (the baseline's order: resize, flip, pad, crop,
-  # normalise, random erasing).
+  # normalise, random erasing). Read by input_pipeline.device_augment.AugmentConfig;
+  # image_size also by input_pipeline.pipeline (the host resize) and reid_jax.train
+  # (the model's input shape), and with the pixel mean/std by reid_jax.export.
   config.input = ml_collections.ConfigDict()
   config.input.image_size = (256, 128)  # (height, width)
   config.input.flip_prob = 0.5
@@ -52,14 +62,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.random_erasing_prob = 0.5
   config.input.pixel_mean = (0.485, 0.456, 0.406)
   config.input.pixel_std = (0.229, 0.224, 0.225)
-  # Host cache of the decoded, resized uint8 training images: 'none', 'host' (always)
+  # The fill of an erased box, written into the normalised image (one value per
+  # channel). (): the pixel mean, as the baseline's RandomErasing(mean=PIXEL_MEAN).
+  config.input.random_erasing_value = ()
+  # Host cache of the decoded, resized uint8 training images (input_pipeline.pipeline,
+  # CACHE_MODES): 'none', 'host' (always)
   # or 'auto' (when they fit in cache_max_gb). From the second epoch on, the host's
   # work per image is then a gather from one array. Market-1501 at 256x128: 1.3 GB.
   config.input.cache = 'auto'
   config.input.cache_max_gb = 16.0
 
-  # Sampling. 'pk' = RandomIdentitySampler (P identities x K images);
-  # 'shuffle' = plain shuffling (softmax-only training).
+  # Sampling, read by input_pipeline.pipeline.make_sampler (SAMPLERS). 'pk' =
+  # RandomIdentitySampler (P identities x K images); 'shuffle' = plain shuffling
+  # (softmax-only training). batch_size is also read by reid_jax.train (per-device
+  # shapes, images per second).
   config.sampler = 'pk'
   config.batch_size = 64  # global batch, P * K
   config.num_instances = 4  # K
@@ -75,9 +91,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Allow P x K layouts where an identity's K images span several devices (P not a
   # multiple of the device count): exact, as triplets are mined over the gathered
   # global batch and BN statistics are cross-device. num_reference_gpus turns it on.
+  # Read by reid_jax.config_lib.validate.
   config.identities_may_span_devices = False
 
-  # Model.
+  # Model, read by reid_jax.models.create_model (NECKS, NECK_FEATS, POOLINGS, MODEL_NAMES);
+  # pretrained and pretrain_choice by reid_jax.convert (through reid_jax.train).
   config.model = ml_collections.ConfigDict()
   config.model.name = 'resnet50'
   config.model.last_stride = 1
@@ -97,7 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
   # to evaluate or fine-tune a trained re-ID model (see reid_jax.convert).
   config.model.pretrain_choice = 'imagenet'
 
-  # Losses: 'softmax', 'triplet', 'softmax_triplet', 'softmax_triplet_center'.
+  # Losses, parsed once by reid_jax.train_step.LossConfig (LOSS_TYPES): 'softmax',
+  # 'triplet', 'softmax_triplet', 'softmax_triplet_center'. center_lr (the centers'
+  # SGD) is read by reid_jax.optim, which takes the weight from LossConfig.
   config.loss = ml_collections.ConfigDict()
   config.loss.type = 'softmax_triplet'
   config.loss.label_smoothing = 0.1  # epsilon; 0 disables
@@ -107,6 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Optimiser with the baseline's parameter groups (biases get their own lr
   # factor and weight decay; decay is L2 added to the gradient, as torch's).
+  # Read by reid_jax.optim (OPTIMIZERS).
   config.optim = ml_collections.ConfigDict()
   config.optim.name = 'adam'  # or 'sgd'
   config.optim.base_lr = 3.5e-4
@@ -115,7 +136,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay_bias = 5e-4
   config.optim.momentum = 0.9  # sgd only
 
-  # Learning-rate schedule, changed per epoch as in the baseline.
+  # Learning-rate schedule, changed per epoch as in the baseline. Read by reid_jax.optim
+  # (SCHEDULES, WARMUP_METHODS).
   config.schedule = ml_collections.ConfigDict()
   config.schedule.name = 'warmup_multistep'  # or 'cosine'
   config.schedule.milestones = (40, 70)
@@ -124,46 +146,60 @@ def get_config() -> ml_collections.ConfigDict:
   config.schedule.warmup_epochs = 10
   config.schedule.warmup_method = 'linear'  # or 'constant'
 
+  # Training length: read by reid_jax.train (the loop), reid_jax.optim (the schedule's
+  # epochs) and reid_jax.checkpoint_save.SavePolicy (the last step is saved).
   config.num_epochs = 120
   # >0 caps the number of steps in an epoch (quick runs); 0 = the sampler's length.
+  # Read by input_pipeline.pipeline.steps_per_epoch.
   config.steps_per_epoch = 0
 
-  # Precision: half_precision picks bfloat16 on TPU/CPU, float16 (with dynamic
-  # loss scaling) on GPU; `dtype` ('float32', 'bfloat16', 'float16') overrides.
+  # Precision, read by reid_jax.precision (CONFIG_DTYPES): half_precision picks bfloat16
+  # on TPU/CPU, float16 (with dynamic loss scaling) on GPU; `dtype` ('float32',
+  # 'bfloat16', 'float16') overrides.
   config.half_precision = False
   config.dtype = ''
   # float16 only: a run stops when the dynamic loss scale falls to min_loss_scale or
   # after max_skipped_steps consecutive steps with non-finite gradients (in float32 and
   # bfloat16 any such step stops the run at the next log step; it is never applied).
+  # Read by reid_jax.train (min_loss_scale also by precision.create_dynamic_scale,
+  # through train).
   config.min_loss_scale = 1.0
   config.max_skipped_steps = 50
 
   # Logging, checkpoints, evaluation.
   # Metrics are summed on the device and fetched every log_every_steps (and at epoch
-  # ends): the host never waits for the device in between.
+  # ends): the host never waits for the device in between. Read by reid_jax.train, and
+  # by checkpoint_save.SavePolicy (it looks at the clock on log steps only).
   config.log_every_steps = 20
-  # Batches kept on the devices ahead of the step (filled by a background thread).
+  # Batches kept on the devices ahead of the step (filled by a background thread);
+  # reid_jax.train.
   config.prefetch_batches = 2
   # >0: write a profiler trace of this many steps to the workdir, starting
-  # profile_first_step steps after the (re)start (after compilation).
+  # profile_first_step steps after the (re)start (after compilation); reid_jax.train.
   config.profile_steps = 0
   config.profile_first_step = 10
   # Checkpoints: at the end of every checkpoint_every_epochs epochs, every
   # checkpoint_every_steps steps (0: off), every checkpoint_every_minutes minutes of
   # training (0: off; checked at log steps) and at the last step. SIGTERM / SIGINT
-  # save too. The best checkpoint by mAP is kept apart in checkpoints/best.
+  # save too. The best checkpoint by mAP is kept apart in checkpoints/best. The
+  # checkpoint_every_* fields are read by reid_jax.checkpoint_save.SavePolicy;
+  # keep_checkpoints (the latest steps kept) and eval_every_epochs by reid_jax.train.
   config.checkpoint_every_epochs = 40
   config.checkpoint_every_steps = 0
   config.checkpoint_every_minutes = 30.0
   config.keep_checkpoints = 3
   config.eval_every_epochs = 40
-  config.checkpoint = ''  # explicit checkpoint for --eval_only
+  config.checkpoint = ''  # explicit checkpoint for --eval_only (reid_jax.eval_only)
 
+  # Evaluation. test.batch_size is read by input_pipeline.pipeline.create_eval_dataset
+  # (global batch, split over the devices); flip (average with the mirrored image) by
+  # reid_jax.train (the eval step) and reid_jax.export; feat_norm (L2-normalise the
+  # features) and the metric fields below by reid_jax.evaluation / reid_jax.scoring.
   config.test = ml_collections.ConfigDict()
   config.test.batch_size = 128
   config.test.feat_norm = True
   config.test.flip = False
-  config.test.max_rank = 50
+  config.test.max_rank = 50  # CMC length of the metrics
   # CMC ranks reported (logged, eval_results.json, the printed table), 1-based; the CMC
   # curve (cmc.png) runs to max(max_rank, the largest of them).
   config.test.cmc_ranks = (1, 5, 10)
@@ -181,6 +217,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.test.aqe_alpha = 3.0
   # Also report fast-reid's TPR at FPR 1e-4, 1e-3, 1e-2 (TEST.ROC_ENABLED).
   config.test.tpr_at_fpr = False
+  # k-reciprocal re-ranking (Zhong et al., the baseline's TEST.RE_RANKING) with its k1,
+  # k2 and lambda.
   config.test.rerank = False
   config.test.k1 = 20
   config.test.k2 = 6

@@ -39,15 +39,30 @@ from configs import default
 MILESTONES = (20,) + tuple(range(30, 256, 15))
 
 
+def read_folders(config: ml_collections.ConfigDict, data_path: str, train_path: str,
+                 query_path: str, gallery_path: str) -> None:
+  """Points the variant's generic folder reader at a dataset (its DATASETS section).
+
+  Args:
+    config: the recipe, changed in place (`data_dir` and `config.folder`).
+    data_path: DATASETS.DATA_PATH, the dataset's root.
+    train_path: TRAIN_PATH, the training folder inside it.
+    query_path: QUERY_PATH.
+    gallery_path: GALLERY_PATH.
+  """
+  config.data_dir = data_path
+  config.folder.train_dir = train_path
+  config.folder.query_dir = query_path
+  config.folder.gallery_dir = gallery_path
+
+
 def get_config() -> ml_collections.ConfigDict:
   """Returns the variant's `configs/debug.yml` recipe (Market-1501, one GPU)."""
   config = default.get_config()
   # DATASETS: the generic folder reader.
   config.dataset = 'folder'
-  config.data_dir = 'data/Market-1501-v15.09.15'  # DATA_PATH
-  config.folder.train_dir = 'bounding_box_train'  # TRAIN_PATH
-  config.folder.query_dir = 'query'  # QUERY_PATH
-  config.folder.gallery_dir = 'bounding_box_test'  # GALLERY_PATH
+  read_folders(config, 'data/Market-1501-v15.09.15', 'bounding_box_train', 'query',
+               'bounding_box_test')
   config.folder.pattern = r'([-\d]+)_c(\d+)'
   # INPUT (SIZE_TEST = SIZE_TRAIN: one image_size here).
   config.input.image_size = (224, 224)

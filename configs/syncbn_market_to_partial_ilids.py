@@ -26,14 +26,11 @@ from configs import syncbn_market
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the variant's `configs/market2partilibds.yml` recipe."""
+  # Batch 64 with K=8, checkpoint and evaluation every epoch: syncbn_market's values.
   config = syncbn_market.get_config()
   config.test_datasets = ('partial_ilids:data/Partial_iLIDS',)
   config.input.image_size = (384, 256)
-  config.batch_size = 64
-  config.num_instances = 8
   config.num_epochs = 120
   config.dtype = 'float16'
-  config.checkpoint_every_epochs = 1
-  config.eval_every_epochs = 1
   config.test.cmc_ranks = (1, 3)
   return config

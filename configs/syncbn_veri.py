@@ -19,10 +19,7 @@ from configs import syncbn_market
 def get_config() -> ml_collections.ConfigDict:
   """Returns the variant's `configs/veri.yml` recipe."""
   config = syncbn_market.get_config()
-  config.data_dir = 'data/VeRi'
-  config.folder.train_dir = 'image_train'
-  config.folder.query_dir = 'image_query'
-  config.folder.gallery_dir = 'image_test'
+  syncbn_market.read_folders(config, 'data/VeRi', 'image_train', 'image_query', 'image_test')
   config.input.image_size = (384, 384)
   config.batch_size = 36
   config.num_instances = 6

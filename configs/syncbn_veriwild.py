@@ -13,14 +13,12 @@ rank-5 96.85, rank-10 98.19, mAP 74.27 (re-ranked: rank-1 89.66, mAP 77.42).
 
 import ml_collections
 
+from configs import syncbn_market
 from configs import syncbn_veri
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the variant's `configs/veriwild.yml` recipe."""
   config = syncbn_veri.get_config()
-  config.data_dir = 'data/veriwild'
-  config.folder.train_dir = 'train'
-  config.folder.query_dir = 'query'
-  config.folder.gallery_dir = 'test'
+  syncbn_market.read_folders(config, 'data/veriwild', 'train', 'query', 'test')
   return config

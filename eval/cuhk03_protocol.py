@@ -13,8 +13,9 @@ nor on which other queries are evaluated, and a run is reproducible from
 `seed` alone. The figures therefore differ from torchreid's draw by draw but
 follow the same distribution (tested to be uniform per identity).
 
-`eval.metrics.evaluate(..., protocol='cuhk03')` uses these draws on a dense
-distance matrix; AP and mINP come from the whole kept gallery, as torchreid's.
+`eval.metrics.rank_distances(..., protocol='cuhk03')` (and `evaluate`) use these
+draws on a dense distance matrix; AP and mINP come from the whole kept gallery, as
+torchreid's.
 """
 
 import functools

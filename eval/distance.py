@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from input_pipeline.choices import check_choice  # the project's one choice check
+
 ArrayLike = Any
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -36,8 +38,7 @@ class MemoryLimitError(MemoryError):
 
 def check_distance(distance: str) -> str:
   """Returns `distance` if it is one of `DISTANCES`, raising ValueError otherwise."""
-  if distance not in DISTANCES:
-    raise ValueError(f'Unknown distance {distance!r}; expected one of {DISTANCES}.')
+  check_choice('distance', distance, DISTANCES)
   return distance
 
 
@@ -144,14 +145,35 @@ def distance_tile(q: jax.Array, q_aux: jax.Array, g: jax.Array, g_aux: jax.Array
   return 1.0 - dot
 
 
+def check_feature_shapes(q_shape: tuple[int, ...], g_shape: tuple[int, ...], *,
+                         nonempty: bool = False) -> None:
+  """The check of query and gallery features every eval module makes.
+
+  Args:
+    q_shape: shape of the query features.
+    g_shape: shape of the gallery features.
+    nonempty: also refuse an empty query set or gallery.
+
+  Raises:
+    ValueError: unless both are (num, dim) with the same dim (and rows, when
+      `nonempty`), naming the shapes.
+  """
+  q_shape, g_shape = tuple(q_shape), tuple(g_shape)
+  if len(q_shape) != 2 or len(g_shape) != 2:
+    raise ValueError(f'Features must be 2-D (num, dim), got shapes {q_shape} and {g_shape}.')
+  if q_shape[1] != g_shape[1]:
+    raise ValueError(f'Feature dimensions differ: {q_shape[1]} vs {g_shape[1]}.')
+  if nonempty and q_shape[0] == 0:
+    raise ValueError('Empty query set: q_feats has no rows.')
+  if nonempty and g_shape[0] == 0:
+    raise ValueError('Empty gallery: g_feats has no rows.')
+
+
 def _check_features(q: ArrayLike, g: ArrayLike) -> tuple[jax.Array, jax.Array]:
   """Returns (q, g) as float32 2-D jax arrays with the same feature size."""
   q = jnp.asarray(q, jnp.float32)
   g = jnp.asarray(g, jnp.float32)
-  if q.ndim != 2 or g.ndim != 2:
-    raise ValueError(f'Features must be 2-D (num, dim), got shapes {q.shape} and {g.shape}.')
-  if q.shape[1] != g.shape[1]:
-    raise ValueError(f'Feature dimensions differ: {q.shape[1]} vs {g.shape[1]}.')
+  check_feature_shapes(q.shape, g.shape)
   return q, g
 
 

@@ -17,7 +17,12 @@ per-query state.
    positive by (distance, gallery index) are counted and summed over the
    gallery blocks: the positive's rank. Optionally fast-reid's verification
    counts (`eval.verification`) are updated from the same tile.
-3. AP, INP and CMC follow from the ranks on the host (`eval.protocol`).
+3. AP, INP and CMC follow from the ranks on the host (`eval.protocol`), as the
+   `eval.protocol.RankingMetrics` that the dense path (`eval.metrics.rank_distances`)
+   returns too.
+
+`nearest_kept` (the top-k lists of the reports) makes the same pass over the
+gallery blocks (`_gallery_pass`), merging each tile into running top-k lists.
 
 Fidelity: a distance is computed by the same compiled tile kernel (same shape,
 same query rows) in steps 1 and 2; XLA:CPU gives bitwise the same value for a
@@ -29,11 +34,10 @@ representable distances (tests) the results are identical. A positive whose
 two values differ (another backend) is counted and warned about.
 """
 
-import dataclasses
 import functools
 import warnings
-from collections.abc import Sequence
-from typing import Any, Optional
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +46,8 @@ import numpy as np
 from eval import distance as distance_lib
 from eval import protocol
 from eval import verification
+# Re-exported: the result of `rank_features` (eval.protocol owns it).
+from eval.protocol import RankingMetrics  # pylint: disable=unused-import
 
 ArrayLike = Any
 
@@ -52,30 +58,6 @@ _WORKING_ELEMENTS = 2**21
 _IN_FLIGHT = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class FeatureRanking:
-  """Results of `rank_features`.
-
-  Attributes:
-    cmc: (min(max_rank, G),) float32 CMC.
-    mAP: mean average precision over the queries with a positive.
-    mINP: mean inverse negative penalty over the same queries.
-    query: indices of the queries with at least one positive.
-    ap: float64 AP of each of them.
-    inp: float64 INP of each of them.
-    first_rank: 0-based rank of each one's first positive among kept entries.
-    tpr_at_fpr: {fpr: tpr} (fast-reid's verification metric), or None.
-  """
-  cmc: np.ndarray
-  mAP: float  # pylint: disable=invalid-name
-  mINP: float  # pylint: disable=invalid-name
-  query: np.ndarray
-  ap: np.ndarray
-  inp: np.ndarray
-  first_rank: np.ndarray
-  tpr_at_fpr: Optional[dict[float, float]] = None
-
-
 def _check(q_feats, g_feats, labels, max_rank, block_size, gallery_block):
   """Validates the inputs; returns (num_q, num_g, dim, label arrays, max_rank)."""
   for name, v in (('block_size', block_size), ('gallery_block', gallery_block),
@@ -83,14 +65,7 @@ def _check(q_feats, g_feats, labels, max_rank, block_size, gallery_block):
     if int(v) < 1:
       raise ValueError(f'{name} must be >= 1, got {v}.')
   q_shape, g_shape = tuple(np.shape(q_feats)), tuple(np.shape(g_feats))
-  if len(q_shape) != 2 or len(g_shape) != 2:
-    raise ValueError(f'Features must be 2-D (num, dim), got shapes {q_shape} and {g_shape}.')
-  if q_shape[1] != g_shape[1]:
-    raise ValueError(f'Feature dimensions differ: {q_shape[1]} vs {g_shape[1]}.')
-  if q_shape[0] == 0:
-    raise ValueError('Empty query set: q_feats has no rows.')
-  if g_shape[0] == 0:
-    raise ValueError('Empty gallery: g_feats has no rows.')
+  distance_lib.check_feature_shapes(q_shape, g_shape, nonempty=True)
   arrays = []
   for name, values, n, what in zip(('q_pids', 'g_pids', 'q_camids', 'g_camids'), labels,
                                    (q_shape[0], g_shape[0]) * 2,
@@ -105,6 +80,40 @@ def _check(q_feats, g_feats, labels, max_rank, block_size, gallery_block):
                   f'clipping it to {g_shape[0]}.', stacklevel=4)
     max_rank = g_shape[0]
   return q_shape[0], g_shape[0], q_shape[1], arrays, int(max_rank)
+
+
+def _label_codes(labels: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+  """(q pid, g pid, q camera, g camera) codes (`eval.protocol.dense_codes`)."""
+  qp, gp = protocol.dense_codes(labels[0], labels[1])
+  qc, gc = protocol.dense_codes(labels[2], labels[3])
+  return qp, gp, qc, gc
+
+
+def _query_blocks(q_dev: jax.Array, bq: int, distance: str) -> list[tuple[jax.Array, ...]]:
+  """The query rows as consecutive blocks of `bq` (zero-padded), prepared for tiles."""
+  num_q = q_dev.shape[0]
+  q_dev = jnp.pad(q_dev, ((0, -num_q % bq), (0, 0)))
+  return [distance_lib.prepare_rows(distance_lib.row_block(q_dev, jnp.int32(s), bq),
+                                    distance) for s in range(0, num_q, bq)]
+
+
+def _gallery_pass(g_feats: ArrayLike, bg: int, distance: str,
+                  visit: Callable[[int, tuple, int, int], jax.Array]) -> None:
+  """The pass over the gallery blocks that `rank_features` and `nearest_kept` make.
+
+  Each block of `bg` rows is read once (`_rows`, zero-padded) and prepared for the
+  tiles; `visit(n, g_ops, start, stop)` dispatches the work of block n (rows
+  start..stop) against every query block and returns one array of it, which the
+  host waits for `_IN_FLIGHT` blocks later (a throttle, not a data transfer).
+  """
+  num_g = len(g_feats)
+  in_flight = []
+  for n, start in enumerate(range(0, num_g, bg)):
+    stop = min(start + bg, num_g)
+    g_ops = distance_lib.prepare_rows(_rows(g_feats, slice(start, stop), bg), distance)
+    in_flight.append(visit(n, g_ops, start, stop))
+    if len(in_flight) > _IN_FLIGHT:
+      in_flight.pop(0).block_until_ready()
 
 
 def _rows(feats: ArrayLike, index, size: int) -> jax.Array:
@@ -223,7 +232,7 @@ def rank_features(q_feats: ArrayLike,
                   *,
                   fprs: Sequence[float] = (),
                   block_size: int = 256,
-                  gallery_block: int = 1024) -> FeatureRanking:
+                  gallery_block: int = 1024) -> protocol.RankingMetrics:
   """Market-protocol metrics of features, streamed over gallery blocks.
 
   Args:
@@ -243,7 +252,7 @@ def rank_features(q_feats: ArrayLike,
       sizes; device memory is O(block_size * gallery_block).
 
   Returns:
-    A `FeatureRanking`.
+    An `eval.protocol.RankingMetrics` (per-query results in query order).
 
   Raises:
     ValueError: on malformed inputs, an unknown distance, non-finite
@@ -253,8 +262,7 @@ def rank_features(q_feats: ArrayLike,
   num_q, num_g, _, labels, max_rank = _check(q_feats, g_feats,
                                              (q_pids, g_pids, q_camids, g_camids),
                                              max_rank, block_size, gallery_block)
-  qp, gp = protocol.dense_codes(labels[0], labels[1])
-  qc, gc = protocol.dense_codes(labels[2], labels[3])
+  qp, gp, qc, gc = _label_codes(labels)
   # Queries are processed in pid order (fewer distinct positives per block);
   # `qperm[i]` is the query at position i.
   qperm = np.argsort(qp, kind='stable')
@@ -270,9 +278,7 @@ def rank_features(q_feats: ArrayLike,
   q_dev = jnp.asarray(q_feats, jnp.float32)[jnp.asarray(qperm)]
   if not bool(jnp.isfinite(q_dev).all()):
     raise ValueError('q_feats contain NaN or infinite values.')
-  q_dev = jnp.pad(q_dev, ((0, -num_q % bq), (0, 0)))
-  q_blocks = [distance_lib.prepare_rows(distance_lib.row_block(q_dev, jnp.int32(s), bq),
-                                        distance) for s in range(0, num_q, bq)]
+  q_blocks = _query_blocks(q_dev, bq, distance)
   bounds = np.searchsorted(pos_q, np.arange(num_blocks + 1) * bq)
   pos_local = (pos_q - np.repeat(np.arange(num_blocks) * bq, np.diff(bounds))).astype(np.int32)
   pos_dist = _positive_distances(q_blocks, g_feats, pos_g, pos_local, bounds, bg, distance)
@@ -311,12 +317,10 @@ def rank_features(q_feats: ArrayLike,
   # overflow (more than 2**31 - 1 impostor pairs in one query block).
   flush_every = max(1, (2**31 - 1) // (bq * bg))
   flushed = []
-  in_flight = []
   g_code_pad = np.pad(g_code, (0, -num_g % bg), constant_values=-1)
   g_pid_pad = np.pad(gp, (0, -num_g % bg), constant_values=-1)
-  for n, start in enumerate(range(0, num_g, bg)):
-    stop = min(start + bg, num_g)
-    g_ops = distance_lib.prepare_rows(_rows(g_feats, slice(start, stop), bg), distance)
+
+  def visit(n, g_ops, start, stop):
     g_meta = (jnp.asarray(g_code_pad[start:start + bg]),
               jnp.asarray(g_pid_pad[start:start + bg]), jnp.int32(start),
               jnp.int32(stop - start))
@@ -329,10 +333,9 @@ def rank_features(q_feats: ArrayLike,
         flushed.append((blk['state']['below'], blk['state']['equal']))
         blk['state'] = dict(blk['state'], below=jnp.zeros_like(blk['state']['below']),
                             equal=jnp.zeros_like(blk['state']['equal']))
-    in_flight.append(blocks[-1]['state']['counts'])
-    if len(in_flight) > _IN_FLIGHT:  # throttle the host, not a data transfer
-      in_flight.pop(0).block_until_ready()
+    return blocks[-1]['state']['counts']
 
+  _gallery_pass(g_feats, bg, distance, visit)
   states = jax.device_get([blk['state'] for blk in blocks])
   if any(bool(s['nonfinite']) for s in states):
     raise ValueError('Non-finite distances: g_feats contain NaN or infinite values, or '
@@ -345,7 +348,6 @@ def rank_features(q_feats: ArrayLike,
   ranks = np.concatenate([s['counts'].reshape(-1)[:int(bounds[b + 1] - bounds[b])]
                           for b, s in enumerate(states)]).astype(np.int64)
   valid, ap, inp, first = protocol.ap_inp(pos_q, ranks, num_q)
-  cmc = protocol.cmc_from_first_ranks(first, max_rank).astype(np.float32)
   order = np.argsort(qperm[valid])
   valid, ap, inp, first = qperm[valid][order], ap[order], inp[order], first[order]
   tprs = None
@@ -355,19 +357,12 @@ def rank_features(q_feats: ArrayLike,
     for b_arr, e_arr in jax.device_get(flushed):
       below, equal = below + b_arr.astype(np.int64), equal + e_arr.astype(np.int64)
     tprs = verification.tpr_from_counts(values, genuine, below, equal, fprs)
-  return FeatureRanking(cmc=cmc, mAP=float(np.mean(ap)), mINP=float(np.mean(inp)),
-                        query=valid, ap=ap, inp=inp, first_rank=first, tpr_at_fpr=tprs)
+  return protocol.ranking_metrics(valid, ap, inp, first, max_rank, tpr_at_fpr=tprs)
 
 
-def evaluate_features(q_feats: ArrayLike,
-                      g_feats: ArrayLike,
-                      q_pids: ArrayLike,
-                      g_pids: ArrayLike,
-                      q_camids: ArrayLike,
-                      g_camids: ArrayLike,
-                      distance: str = 'euclidean',
-                      max_rank: int = 50,
-                      *,
+def evaluate_features(q_feats: ArrayLike, g_feats: ArrayLike, q_pids: ArrayLike,
+                      g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike,
+                      distance: str = 'euclidean', max_rank: int = 50, *,
                       block_size: int = 256,
                       gallery_block: int = 1024) -> tuple[np.ndarray, float, float]:
   """CMC, mAP and mINP of features: `evaluate()` on their distances, streamed.
@@ -378,16 +373,8 @@ def evaluate_features(q_feats: ArrayLike,
   and TPR@FPR, `nearest_kept` the top-k lists of reports.
 
   Args:
-    q_feats: (Q, D) query features.
-    g_feats: (G, D) gallery features (numpy array, memmap or jax array).
-    q_pids: (Q,) query identities.
-    g_pids: (G,) gallery identities.
-    q_camids: (Q,) query cameras.
-    g_camids: (G,) gallery cameras.
-    distance: 'euclidean' (squared) or 'cosine'.
-    max_rank: length of the CMC curve; clipped (with a warning) to G.
-    block_size: queries per tile.
-    gallery_block: gallery rows per tile.
+    q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, distance, max_rank,
+    block_size, gallery_block: as `rank_features`.
 
   Returns:
     (cmc, mAP, mINP) as `eval.metrics.evaluate`.
@@ -412,16 +399,9 @@ def _top_k_step(q_ops, g_ops, q_code, g_code, start, num_valid, top_v, top_i, *,
   return v, jnp.take_along_axis(idx, pos, axis=1)
 
 
-def nearest_kept(q_feats: ArrayLike,
-                 g_feats: ArrayLike,
-                 q_pids: ArrayLike,
-                 g_pids: ArrayLike,
-                 q_camids: ArrayLike,
-                 g_camids: ArrayLike,
-                 k: int = 10,
-                 distance: str = 'euclidean',
-                 *,
-                 block_size: int = 256,
+def nearest_kept(q_feats: ArrayLike, g_feats: ArrayLike, q_pids: ArrayLike,
+                 g_pids: ArrayLike, q_camids: ArrayLike, g_camids: ArrayLike, k: int = 10,
+                 distance: str = 'euclidean', *, block_size: int = 256,
                  gallery_block: int = 4096) -> np.ndarray:
   """Each query's k nearest kept gallery entries, streamed (for reports).
 
@@ -430,12 +410,7 @@ def nearest_kept(q_feats: ArrayLike,
   of `rank_features`): the cost is a pass over the gallery per query block.
 
   Args:
-    q_feats: (Q, D) query features.
-    g_feats: (G, D) gallery features (numpy array, memmap or jax array).
-    q_pids: (Q,) query identities.
-    g_pids: (G,) gallery identities.
-    q_camids: (Q,) query cameras.
-    g_camids: (G,) gallery cameras.
+    q_feats, g_feats, q_pids, g_pids, q_camids, g_camids: as `rank_features`.
     k: list length (clipped to G).
     distance: one of `eval.distance.DISTANCES`.
     block_size: queries per tile.
@@ -449,29 +424,23 @@ def nearest_kept(q_feats: ArrayLike,
     raise ValueError(f'k must be >= 1, got {k}.')
   num_q, num_g, _, labels, _ = _check(q_feats, g_feats, (q_pids, g_pids, q_camids, g_camids),
                                       1, block_size, gallery_block)
-  qp, gp = protocol.dense_codes(labels[0], labels[1])
-  qc, gc = protocol.dense_codes(labels[2], labels[3])
-  q_code, g_code = protocol.pid_cam_codes(qp, gp, qc, gc)
+  q_code, g_code = protocol.pid_cam_codes(*_label_codes(labels))
   bq, bg, k = min(int(block_size), num_q), min(int(gallery_block), num_g), min(int(k), num_g)
-  q_dev = jnp.asarray(q_feats, jnp.float32)
   q_code = np.pad(q_code, (0, -num_q % bq))
   g_code = np.pad(g_code, (0, -num_g % bg), constant_values=-1)
   state = [(jnp.full((bq, k), -jnp.inf, jnp.float32), jnp.full((bq, k), -1, jnp.int32))
            for _ in range(0, num_q, bq)]
-  q_dev = jnp.pad(q_dev, ((0, -num_q % bq), (0, 0)))
-  q_blocks = [distance_lib.prepare_rows(distance_lib.row_block(q_dev, jnp.int32(s), bq),
-                                        distance) for s in range(0, num_q, bq)]
-  in_flight = []
-  for start in range(0, num_g, bg):
-    stop = min(start + bg, num_g)
-    g_ops = distance_lib.prepare_rows(_rows(g_feats, slice(start, stop), bg), distance)
+  q_blocks = _query_blocks(jnp.asarray(q_feats, jnp.float32), bq, distance)
+
+  def visit(n, g_ops, start, stop):
+    del n  # the lists need no per-block bookkeeping
     for b, q_block in enumerate(q_blocks):
       state[b] = _top_k_step(q_block, g_ops, jnp.asarray(q_code[b * bq:(b + 1) * bq]),
                              jnp.asarray(g_code[start:start + bg]), jnp.int32(start),
                              jnp.int32(stop - start), *state[b], k=k, distance=distance)
-    in_flight.append(state[-1][0])
-    if len(in_flight) > _IN_FLIGHT:  # throttle the host, not a data transfer
-      in_flight.pop(0).block_until_ready()
+    return state[-1][0]
+
+  _gallery_pass(g_feats, bg, distance, visit)
   state = jax.device_get(state)
   values = np.concatenate([v for v, _ in state])[:num_q]
   top = np.concatenate([i for _, i in state])[:num_q].astype(np.int64)

@@ -15,13 +15,16 @@ kept entries before each positive: the working set is at most (block_size,
 num_gallery) and the result does not depend on the block size. The per-positive
 ranks are integers; AP and mINP are then reduced in float64 with numpy.
 
-Which path serves what:
-- `evaluate_features` / `rank_features` (eval.feature_metrics): CMC, mAP, mINP
-  (and optionally fast-reid's TPR@FPR) straight from features, streamed over
-  gallery blocks: any gallery size, no distance matrix.
-- `evaluate` / `per_query_metrics`: the same from a dense distance matrix (a
-  re-ranked one, say), plus the CUHK03 protocol, which needs the matrix; build
-  it with `eval.distance.distance_matrix`, which refuses above its memory limit.
+Which path serves what (both return an `eval.protocol.RankingMetrics`: CMC, mAP,
+mINP and each query's AP, INP and first-match rank; `evaluate` and
+`evaluate_features` give its (cmc, mAP, mINP)):
+- `rank_features` / `evaluate_features` (eval.feature_metrics): straight from
+  features (and optionally fast-reid's TPR@FPR), streamed over gallery blocks:
+  any gallery size, no distance matrix.
+- `rank_distances` / `evaluate`: from a dense distance matrix (a re-ranked one,
+  say), plus the CUHK03 protocol (`eval.cuhk03_protocol`), which needs the
+  matrix; build it with `eval.distance.distance_matrix`, which refuses above its
+  memory limit.
 - TPR@FPR (eval.verification) streams in both forms; re-ranking
   (eval.rerank) needs the dense (Q, G) result and refuses above its limit.
 """
@@ -35,17 +38,18 @@ import numpy as np
 
 from eval import cuhk03_protocol
 from eval import protocol as proto
+from input_pipeline.choices import check_choice  # the project's one choice check
 # Re-exported: the public API of the metrics lives here.
 from eval.cuhk03_protocol import cuhk03_samples  # pylint: disable=unused-import
 from eval.feature_metrics import evaluate_features  # pylint: disable=unused-import
-from eval.feature_metrics import FeatureRanking  # pylint: disable=unused-import
 from eval.feature_metrics import nearest_kept  # pylint: disable=unused-import
 from eval.feature_metrics import rank_features  # pylint: disable=unused-import
 from eval.protocol import positive_pairs  # pylint: disable=unused-import
+from eval.protocol import RankingMetrics  # pylint: disable=unused-import
 
 ArrayLike = Any
 
-PROTOCOLS = ('market', 'cuhk03')  # the `protocol` values of `evaluate`
+PROTOCOLS = ('market', 'cuhk03')  # the `protocol` values of `rank_distances`
 # The count kernel is memory-bound once its (rows, num_gallery) working array
 # leaves the cache; rows per call are capped so that it holds about this many
 # elements (measured on CPU: 128 rows for Market's 15,913 gallery images).
@@ -100,14 +104,13 @@ def _fetch_rows(distmat: ArrayLike, rows: np.ndarray, dtype: np.dtype) -> jax.Ar
 
 def _validate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int,
               protocol: str, block_size: int):
-  """Checks the inputs of `evaluate` and puts them in canonical form.
+  """Checks the inputs of `rank_distances` and puts them in canonical form.
 
   Returns:
     (q_pid codes, g_pid codes, q_cam codes, g_cam codes, max_rank clipped to
     the gallery size).
   """
-  if protocol not in PROTOCOLS:
-    raise ValueError(f'Unknown protocol {protocol!r}; expected one of {PROTOCOLS}.')
+  check_choice('protocol', protocol, PROTOCOLS)
   if int(block_size) < 1:
     raise ValueError(f'block_size must be >= 1, got {block_size}.')
   if int(max_rank) < 1:
@@ -233,62 +236,11 @@ def positive_ranks(distmat: ArrayLike, pos_q: np.ndarray, pos_g: np.ndarray,
   return ranks
 
 
-def _prepare(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, protocol, block_size):
-  """Validation, positives and their ranks shared by the public functions."""
-  qp, gp, qc, gc, max_rank = _validate(distmat, q_pids, g_pids, q_camids, g_camids,
-                                       max_rank, protocol, block_size)
-  pos_q, pos_g = proto.positive_pairs(qp, gp, qc, gc)
-  if len(pos_q) == 0:
-    raise ValueError('No query has a valid match in the gallery (same identity '
-                     'seen by a different camera); metrics are undefined.')
-  ranks = positive_ranks(distmat, pos_q, pos_g, qp, gp, qc, gc, int(block_size))
-  return qp, gp, pos_q, pos_g, ranks, max_rank
-
-
-def per_query_metrics(distmat: ArrayLike,
-                      q_pids: ArrayLike,
-                      g_pids: ArrayLike,
-                      q_camids: ArrayLike,
-                      g_camids: ArrayLike,
-                      *,
-                      block_size: int = 128) -> dict[str, np.ndarray]:
-  """Market-protocol AP, INP and first-hit rank of every query with a match.
-
-  Args:
-    distmat: (Q, G) distances.
-    q_pids: (Q,) query identities.
-    g_pids: (G,) gallery identities.
-    q_camids: (Q,) query cameras.
-    g_camids: (G,) gallery cameras.
-    block_size: queries per block and at most the rows of the (rows, G)
-      working array.
-
-  Returns:
-    Dict with 'query' (indices of the queries with at least one positive),
-    'ap', 'inp' (float64) and 'first_rank' (0-based rank of the first correct
-    match among the kept gallery entries), aligned with 'query'.
-
-  Raises:
-    ValueError: as `evaluate`.
-  """
-  _, _, pos_q, _, ranks, _ = _prepare(distmat, q_pids, g_pids, q_camids, g_camids, 1,
-                                         'market', block_size)
-  valid, ap, inp, first = proto.ap_inp(pos_q, ranks, int(np.shape(distmat)[0]))
-  return {'query': valid, 'ap': ap, 'inp': inp, 'first_rank': first}
-
-
-def evaluate(distmat: ArrayLike,
-             q_pids: ArrayLike,
-             g_pids: ArrayLike,
-             q_camids: ArrayLike,
-             g_camids: ArrayLike,
-             max_rank: int = 50,
-             *,
-             protocol: str = 'market',
-             block_size: int = 128,
-             num_repeats: int = 10,
-             seed: int = 0) -> tuple[np.ndarray, float, float]:
-  """CMC, mAP and mINP of a query-gallery distance matrix.
+def rank_distances(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike,
+                   q_camids: ArrayLike, g_camids: ArrayLike, max_rank: int = 50, *,
+                   protocol: str = 'market', block_size: int = 128, num_repeats: int = 10,
+                   seed: int = 0) -> proto.RankingMetrics:
+  """CMC, mAP, mINP and each query's AP, INP and first-match rank of a distance matrix.
 
   `protocol='market'` reproduces torchreid's `eval_market1501` / BoT's
   `eval_func` with a stable sort (ties ranked by gallery index), plus mINP as
@@ -315,22 +267,51 @@ def evaluate(distmat: ArrayLike,
     seed: cuhk03 only: seed of the draws.
 
   Returns:
-    (cmc, mAP, mINP): cmc a float32 array of length min(max_rank, G); mAP and
-    mINP floats in [0, 1], averaged over the queries with at least one positive.
+    An `eval.protocol.RankingMetrics`: cmc float32 of length min(max_rank, G); mAP
+    and mINP in [0, 1], averaged over the queries with at least one positive; their
+    indices, AP, INP and 0-based first-match rank (among the kept gallery
+    entries) in query order; no TPR@FPR.
 
   Raises:
     ValueError: on mismatched lengths, an empty query set or gallery, NaN
       distances, an unknown protocol, a non-positive max_rank or block_size,
       or when no query has a valid match in the gallery.
   """
-  qp, gp, pos_q, pos_g, ranks, max_rank = _prepare(
-      distmat, q_pids, g_pids, q_camids, g_camids, max_rank, protocol, block_size)
+  qp, gp, qc, gc, max_rank = _validate(distmat, q_pids, g_pids, q_camids, g_camids,
+                                       max_rank, protocol, block_size)
+  pos_q, pos_g = proto.positive_pairs(qp, gp, qc, gc)
+  if len(pos_q) == 0:
+    raise ValueError('No query has a valid match in the gallery (same identity '
+                     'seen by a different camera); metrics are undefined.')
+  ranks = positive_ranks(distmat, pos_q, pos_g, qp, gp, qc, gc, int(block_size))
   valid, ap, inp, first = proto.ap_inp(pos_q, ranks, len(qp))
-  if protocol == 'market':
-    cmc = proto.cmc_from_first_ranks(first, max_rank)
-  else:
+  cmc = None
+  if protocol == 'cuhk03':
     dtype = _compute_dtype(distmat)
     cmc = cuhk03_protocol.cuhk03_cmc(lambda rows: _fetch_rows(distmat, rows, dtype), qp, gp,
                                      pos_q, pos_g, valid, max_rank, num_repeats, seed,
                                      block_size)
-  return cmc.astype(np.float32), float(np.mean(ap)), float(np.mean(inp))
+  return proto.ranking_metrics(valid, ap, inp, first, max_rank, cmc=cmc)
+
+
+def evaluate(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
+             g_camids: ArrayLike, max_rank: int = 50, *, protocol: str = 'market',
+             block_size: int = 128, num_repeats: int = 10,
+             seed: int = 0) -> tuple[np.ndarray, float, float]:
+  """(cmc, mAP, mINP) of a distance matrix: `rank_distances` without the per-query results.
+
+  Args:
+    distmat, q_pids, g_pids, q_camids, g_camids, max_rank, protocol, block_size,
+    num_repeats, seed: as `rank_distances`.
+
+  Returns:
+    (cmc, mAP, mINP): cmc a float32 array of length min(max_rank, G); mAP and
+    mINP floats in [0, 1] (see `rank_distances`).
+
+  Raises:
+    ValueError: as `rank_distances`.
+  """
+  res = rank_distances(distmat, q_pids, g_pids, q_camids, g_camids, max_rank,
+                       protocol=protocol, block_size=block_size, num_repeats=num_repeats,
+                       seed=seed)
+  return res.cmc, res.mAP, res.mINP

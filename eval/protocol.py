@@ -6,14 +6,70 @@ camera are removed ("junk"); the remaining entries with the query's pid are the
 positives. CMC, AP and INP of a query depend only on the 0-based ranks of its
 positives among the kept gallery entries, which is what both the dense
 (`eval.metrics.evaluate`) and the streamed (`eval.feature_metrics`) paths
-compute before reducing them here.
+compute before reducing them here, into the `RankingMetrics` both return.
 """
 
-from typing import Any
+import dataclasses
+from typing import Any, Optional
 
 import numpy as np
 
 ArrayLike = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingMetrics:
+  """Metrics of a ranking: the mean ones and those of each query.
+
+  Returned by `eval.metrics.rank_distances` (a distance matrix),
+  `eval.feature_metrics.rank_features` (features, streamed) and
+  `reid_jax.multihost_eval.rank_sharded` (features, across processes).
+
+  Attributes:
+    cmc: (min(max_rank, G),) float32 CMC.
+    mAP: mean average precision over the queries with a positive.
+    mINP: mean inverse negative penalty over the same queries.
+    query: indices of the queries with at least one positive, ascending.
+    ap: float64 AP of each of them.
+    inp: float64 INP of each of them.
+    first_rank: 0-based rank of each one's first positive among kept entries.
+    tpr_at_fpr: {fpr: tpr} (fast-reid's verification metric), or None.
+  """
+  cmc: np.ndarray
+  mAP: float  # pylint: disable=invalid-name
+  mINP: float  # pylint: disable=invalid-name
+  query: np.ndarray
+  ap: np.ndarray
+  inp: np.ndarray
+  first_rank: np.ndarray
+  tpr_at_fpr: Optional[dict[float, float]] = None
+
+
+def ranking_metrics(query: np.ndarray, ap: np.ndarray, inp: np.ndarray,
+                    first_rank: np.ndarray, max_rank: int, *,
+                    cmc: Optional[np.ndarray] = None,
+                    tpr_at_fpr: Optional[dict[float, float]] = None) -> RankingMetrics:
+  """The `RankingMetrics` of per-query results given in ascending query order.
+
+  Args:
+    query: indices of the queries with a positive, ascending.
+    ap: their AP.
+    inp: their INP.
+    first_rank: their first positive's 0-based rank.
+    max_rank: length of the CMC (`cmc_from_first_ranks`).
+    cmc: another protocol's CMC (CUHK03's single-gallery-shot draws) in place of
+      the Market CMC of `first_rank`.
+    tpr_at_fpr: the TPR@FPR results, if computed.
+
+  Returns:
+    The `RankingMetrics`; mAP and mINP are the means of `ap` and `inp` (in that
+    order: the same bits as any other mean of them in query order).
+  """
+  if cmc is None:
+    cmc = cmc_from_first_ranks(first_rank, max_rank)
+  return RankingMetrics(cmc=np.asarray(cmc).astype(np.float32), mAP=float(np.mean(ap)),
+                        mINP=float(np.mean(inp)), query=query, ap=ap, inp=inp,
+                        first_rank=first_rank, tpr_at_fpr=tpr_at_fpr)
 
 
 def as_1d(name: str, values: ArrayLike) -> np.ndarray:

@@ -79,10 +79,7 @@ def aqe(q_feats: ArrayLike,
   """
   q = np.asarray(q_feats, np.float32)
   g = np.asarray(g_feats, np.float32)
-  if q.ndim != 2 or g.ndim != 2:
-    raise ValueError(f'Features must be 2-D (num, dim), got shapes {q.shape} and {g.shape}.')
-  if q.shape[1] != g.shape[1]:
-    raise ValueError(f'Feature dimensions differ: {q.shape[1]} vs {g.shape[1]}.')
+  distance_lib.check_feature_shapes(q.shape, g.shape)
   num = q.shape[0] + g.shape[0]
   if int(qe_times) < 0:
     raise ValueError(f'qe_times must be >= 0, got {qe_times}.')

@@ -8,7 +8,7 @@ function, so importing this module never selects a backend.
 import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -73,39 +73,33 @@ def grid_size(num_rows: int, top_k: int, image_size: tuple[int, int]) -> tuple[i
   return x + width + 2 * BORDER + PAD, y - CAPTION
 
 
-def _ranked_lists(distmat, ranked, rows, q_pids, g_pids, q_camids, g_camids, length):
-  """Per selected query: kept gallery indices best first (at most `length`)."""
-  out = []
-  for q in rows:
-    order = ranked[q] if ranked is not None else np.argsort(
-        np.asarray(distmat[q], np.float64), kind='stable')
-    order = np.asarray(order)
-    order = order[order >= 0]
-    keep = ~((g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q]))
-    out.append(order[keep][:length])
-  return out
+def _worst_queries(ranking: metrics.RankingMetrics,
+                   num_queries: int) -> tuple[np.ndarray, np.ndarray]:
+  """(query indices, AP) of the `num_queries` lowest-AP queries (ties: lower index first)."""
+  order = np.lexsort((ranking.query, ranking.ap))[:num_queries]
+  return np.asarray(ranking.query)[order], np.asarray(ranking.ap)[order]
 
 
-def _ap_from_ranking(order, g_pids, g_camids, q_pid, q_camid):
-  """AP of one query from its ranked gallery list (NaN without positives)."""
-  order = np.asarray(order)
-  order = order[order >= 0]
-  keep = ~((g_pids[order] == q_pid) & (g_camids[order] == q_camid))
-  hits = (g_pids[order][keep] == q_pid).astype(np.float64)
-  if not hits.any():
-    return np.nan
-  precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-  return float(np.sum(precision * hits) / hits.sum())
+def _check_sizes(q_paths: Sequence[str], g_paths: Sequence[str], q_pids: np.ndarray,
+                 g_pids: np.ndarray, num_queries: int, top_k: int) -> None:
+  """Raises ValueError for paths and labels of different lengths or sizes below 1."""
+  if len(q_paths) != len(q_pids) or len(g_paths) != len(g_pids):
+    raise ValueError(f'Path/label length mismatch: {len(q_paths)} query paths for '
+                     f'{len(q_pids)} pids, {len(g_paths)} gallery paths for {len(g_pids)}.')
+  if num_queries < 1 or top_k < 1:
+    raise ValueError(f'num_queries and top_k must be >= 1, got {num_queries}, {top_k}.')
 
 
-def load_tile(path: str, image_size: tuple[int, int],
-              purpose: str = 'the report') -> Image.Image:
+def load_tile(path: str, image_size: tuple[int, int], purpose: str = 'the report',
+              stacklevel: int = 3) -> Image.Image:
   """Opens an image for a picture grid (this module's, `reid_jax.rank`'s).
 
   Args:
     path: image file.
     image_size: (height, width) of the tile.
     purpose: what the image is read for, in the warning.
+    stacklevel: the warning's `stacklevel` (3: the caller of the function that
+      calls this one).
 
   Returns:
     The RGB image resized to (width, height), or a MISSING-grey tile (with a warning
@@ -117,7 +111,7 @@ def load_tile(path: str, image_size: tuple[int, int],
       return img.convert('RGB').resize((width, height), Image.BILINEAR)
   except (OSError, ValueError) as e:
     warnings.warn(f'Cannot read {path!r} for {purpose} ({e}); drawing a grey tile.',
-                  stacklevel=3)
+                  stacklevel=stacklevel)
     return Image.new('RGB', (width, height), MISSING)
 
 
@@ -132,35 +126,27 @@ def save_worst_queries_png(path: str,
                            num_queries: int = 10,
                            top_k: int = 10,
                            *,
-                           ranked: bool = False,
-                           per_query: Optional[Mapping[str, np.ndarray]] = None,
                            image_size: tuple[int, int] = (128, 64)) -> WorstQueries:
   """Draws the queries with the lowest AP and their top-k gallery matches.
 
   Each row is a query (blue frame) followed by its `top_k` nearest gallery
   images after the protocol's removal of same-pid-same-camera entries, framed
   green when the identity matches and red otherwise; a caption gives the query
-  index, pid, camera and AP. Only queries with at least one positive are
-  ranked; ties in AP go to the lower query index.
+  index, pid, camera and AP (`eval.metrics.rank_distances` of `distmat`). Only
+  queries with at least one positive are ranked; ties in AP go to the lower query
+  index.
 
   Args:
     path: output PNG file.
     q_paths: (Q,) query image files.
     g_paths: (G,) gallery image files.
-    distmat: (Q, G) distances, or with `ranked=True` a (Q, L) integer array of
-      gallery indices per query, best first (entries < 0 ignored; AP is then
-      computed over these L entries).
+    distmat: (Q, G) distances.
     q_pids: (Q,) query identities.
     g_pids: (G,) gallery identities.
     q_camids: (Q,) query cameras.
     g_camids: (G,) gallery cameras.
     num_queries: number of rows (fewer if fewer queries have a positive).
     top_k: gallery images per row.
-    ranked: whether `distmat` holds ranked gallery indices.
-    per_query: the queries' AP, as {'query': indices of the queries with a
-      positive, 'ap': their AP} (`eval.metrics.per_query_metrics` or a
-      `FeatureRanking`'s fields); then AP is not recomputed (with `ranked`,
-      only the drawn rows of the table need to be filled).
     image_size: (height, width) of each drawn image.
 
   Returns:
@@ -171,58 +157,16 @@ def save_worst_queries_png(path: str,
   """
   q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
   q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
-  if len(q_paths) != len(q_pids) or len(g_paths) != len(g_pids):
-    raise ValueError(f'Path/label length mismatch: {len(q_paths)} query paths for '
-                     f'{len(q_pids)} pids, {len(g_paths)} gallery paths for {len(g_pids)}.')
-  if num_queries < 1 or top_k < 1:
-    raise ValueError(f'num_queries and top_k must be >= 1, got {num_queries}, {top_k}.')
-  table = None
-  if ranked:
-    table = np.asarray(distmat)
-    if table.ndim != 2 or table.shape[0] != len(q_pids):
-      raise ValueError(f'ranked indices must have shape ({len(q_pids)}, L), got {table.shape}.')
-  if per_query is not None:
-    queries, aps = np.asarray(per_query['query']), np.asarray(per_query['ap'])
-    if len(queries) == 0:
-      raise ValueError('No query has a valid match (per_query is empty).')
-  elif ranked:
-    aps = np.array([_ap_from_ranking(table[q], g_pids, g_camids, q_pids[q], q_camids[q])
-                    for q in range(len(q_pids))])
-    queries = np.nonzero(~np.isnan(aps))[0]
-    if len(queries) == 0:
-      raise ValueError('No query has a valid match in the ranked lists.')
-    aps = aps[queries]
-  else:
-    stats = metrics.per_query_metrics(distmat, q_pids, g_pids, q_camids, g_camids)
-    queries, aps = stats['query'], stats['ap']
-  order = np.lexsort((queries, aps))[:num_queries]
-  rows, row_aps = queries[order], aps[order]
-  lists = _ranked_lists(distmat, table, rows, q_pids, g_pids, q_camids, g_camids, top_k)
-
-  gallery = np.full((len(rows), top_k), -1, np.int64)
-  match = np.zeros((len(rows), top_k), bool)
-  canvas = Image.new('RGB', grid_size(len(rows), top_k, image_size), BACKGROUND)
-  draw = ImageDraw.Draw(canvas)
-  height, width = image_size
-
-  def paste(img, row, column, colour):
-    x, y = grid_cell_origin(row, column, image_size)
-    draw.rectangle([x, y, x + width + 2 * BORDER - 1, y + height + 2 * BORDER - 1],
-                   fill=colour)
-    canvas.paste(img, (x + BORDER, y + BORDER))
-
-  for r, (q, ap, ranked_g) in enumerate(zip(rows, row_aps, lists)):
-    x, y = grid_cell_origin(r, 0, image_size)
-    draw.text((x, y - CAPTION + 1), f'query {q}  pid {q_pids[q]}  cam {q_camids[q]}  '
-              f'AP {ap:.3f}', fill=(0, 0, 0))
-    paste(load_tile(q_paths[q], image_size), r, 0, QUERY_COLOUR)
-    for c, g in enumerate(ranked_g):
-      gallery[r, c] = g
-      match[r, c] = g_pids[g] == q_pids[q]
-      paste(load_tile(g_paths[g], image_size), r, c + 1,
-            MATCH_COLOUR if match[r, c] else WRONG_COLOUR)
-  canvas.save(path, format='PNG')
-  return WorstQueries(query=rows, ap=row_aps, gallery=gallery, match=match)
+  _check_sizes(q_paths, g_paths, q_pids, g_pids, num_queries, top_k)
+  ranking = metrics.rank_distances(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=1)
+  rows, row_aps = _worst_queries(ranking, num_queries)
+  lists = []
+  for q in rows:
+    order = np.argsort(np.asarray(distmat[q], np.float64), kind='stable')
+    keep = ~((g_pids[order] == q_pids[q]) & (g_camids[order] == q_camids[q]))
+    lists.append(order[keep][:top_k])
+  return _draw_rows(path, q_paths, g_paths, q_pids, g_pids, q_camids, rows, row_aps, lists,
+                    top_k, image_size)
 
 
 def save_worst_queries_from_features(path: str,
@@ -234,7 +178,7 @@ def save_worst_queries_from_features(path: str,
                                      g_pids: ArrayLike,
                                      q_camids: ArrayLike,
                                      g_camids: ArrayLike,
-                                     ranking: 'metrics.FeatureRanking',
+                                     ranking: metrics.RankingMetrics,
                                      distance: str = 'euclidean',
                                      num_queries: int = 10,
                                      top_k: int = 10,
@@ -256,7 +200,7 @@ def save_worst_queries_from_features(path: str,
     g_pids: (G,) gallery identities.
     q_camids: (Q,) query cameras.
     g_camids: (G,) gallery cameras.
-    ranking: the `FeatureRanking` of these features.
+    ranking: the `eval.metrics.RankingMetrics` of these features.
     distance: the distance `ranking` used.
     num_queries: number of rows.
     top_k: gallery images per row.
@@ -267,16 +211,45 @@ def save_worst_queries_from_features(path: str,
   """
   q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
   q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
-  if num_queries < 1 or top_k < 1:
-    raise ValueError(f'num_queries and top_k must be >= 1, got {num_queries}, {top_k}.')
-  rows = ranking.query[np.lexsort((ranking.query, ranking.ap))[:num_queries]]
-  table = np.full((len(q_pids), top_k), -1, np.int64)
-  table[rows] = metrics.nearest_kept(np.asarray(q_feats)[rows], g_feats, q_pids[rows], g_pids,
-                                     q_camids[rows], g_camids, top_k, distance)
-  return save_worst_queries_png(path, q_paths, g_paths, table, q_pids, g_pids, q_camids,
-                                g_camids, num_queries, top_k, ranked=True,
-                                per_query={'query': ranking.query, 'ap': ranking.ap},
-                                image_size=image_size)
+  _check_sizes(q_paths, g_paths, q_pids, g_pids, num_queries, top_k)
+  rows, row_aps = _worst_queries(ranking, num_queries)
+  table = metrics.nearest_kept(np.asarray(q_feats)[rows], g_feats, q_pids[rows], g_pids,
+                               q_camids[rows], g_camids, top_k, distance)
+  lists = [t[t >= 0] for t in table]
+  return _draw_rows(path, q_paths, g_paths, q_pids, g_pids, q_camids, rows, row_aps, lists,
+                    top_k, image_size)
+
+
+def _draw_rows(path: str, q_paths: Sequence[str], g_paths: Sequence[str], q_pids: np.ndarray,
+               g_pids: np.ndarray, q_camids: np.ndarray, rows: np.ndarray,
+               row_aps: np.ndarray, lists: Sequence[np.ndarray], top_k: int,
+               image_size: tuple[int, int]) -> WorstQueries:
+  """Draws the grid of the queries `rows` and their ranked kept gallery `lists`."""
+  gallery = np.full((len(rows), top_k), -1, np.int64)
+  match = np.zeros((len(rows), top_k), bool)
+  canvas = Image.new('RGB', grid_size(len(rows), top_k, image_size), BACKGROUND)
+  draw = ImageDraw.Draw(canvas)
+  height, width = image_size
+
+  def paste(img, row, column, colour):
+    x, y = grid_cell_origin(row, column, image_size)
+    draw.rectangle([x, y, x + width + 2 * BORDER - 1, y + height + 2 * BORDER - 1],
+                   fill=colour)
+    canvas.paste(img, (x + BORDER, y + BORDER))
+
+  for r, (q, ap, ranked_g) in enumerate(zip(rows, row_aps, lists)):
+    x, y = grid_cell_origin(r, 0, image_size)
+    draw.text((x, y - CAPTION + 1), f'query {q}  pid {q_pids[q]}  cam {q_camids[q]}  '
+              f'AP {ap:.3f}', fill=(0, 0, 0))
+    # stacklevel 4: the caller of save_worst_queries_*.
+    paste(load_tile(q_paths[q], image_size, stacklevel=4), r, 0, QUERY_COLOUR)
+    for c, g in enumerate(ranked_g):
+      gallery[r, c] = g
+      match[r, c] = g_pids[g] == q_pids[q]
+      paste(load_tile(g_paths[g], image_size, stacklevel=4), r, c + 1,
+            MATCH_COLOUR if match[r, c] else WRONG_COLOUR)
+  canvas.save(path, format='PNG')
+  return WorstQueries(query=rows, ap=row_aps, gallery=gallery, match=match)
 
 
 def save_cmc_plot(path: str,

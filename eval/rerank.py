@@ -208,14 +208,7 @@ def _check_inputs(q_feats, g_feats, k1, k2, lambda_value, block_size, max_pairs)
   """
   q = np.asarray(q_feats)
   g = np.asarray(g_feats)
-  if q.ndim != 2 or g.ndim != 2:
-    raise ValueError(f'Features must be 2-D (num, dim), got shapes {q.shape} and {g.shape}.')
-  if q.shape[1] != g.shape[1]:
-    raise ValueError(f'Feature dimensions differ: {q.shape[1]} vs {g.shape[1]}.')
-  if q.shape[0] == 0:
-    raise ValueError('Empty query set: q_feats has no rows.')
-  if g.shape[0] == 0:
-    raise ValueError('Empty gallery: g_feats has no rows.')
+  distance_lib.check_feature_shapes(q.shape, g.shape, nonempty=True)
   if int(k1) < 1 or int(k2) < 1:
     raise ValueError(f'k1 and k2 must be >= 1, got k1={k1}, k2={k2}.')
   if not 0.0 <= float(lambda_value) <= 1.0:

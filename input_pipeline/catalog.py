@@ -1,43 +1,41 @@
 """The dataset catalog: name -> reader (see `data_source` for what a config loads).
 
 Every reader is called as `reader(root, *, verify=False, num_threads=8, ...)`
-and returns a `ReIDDataset` (see `input_pipeline.base` for the conventions).
+and returns a `ReIDDataset` (see `input_pipeline.reader_utils` for the conventions).
 """
 
 from collections.abc import Mapping
 from typing import Any
 
-from input_pipeline import base
 from input_pipeline import cuhk03
 from input_pipeline import cuhk03_classic
 from input_pipeline import market
 from input_pipeline import msmt17
-from input_pipeline import partial
+from input_pipeline import partial_reid
+from input_pipeline import reader_utils
 from input_pipeline import veri
+from input_pipeline.dataset_stats import DatasetSpec
 from input_pipeline.records import ReIDDataset
 
-DatasetError = base.DatasetError
+DatasetError = reader_utils.DatasetError
 
-DATASETS: Mapping[str, base.Reader] = {
+DATASETS: Mapping[str, reader_utils.Reader] = {
     'market1501': market.read_market1501,
     'dukemtmcreid': market.read_dukemtmcreid,
-    'cuhk03_labeled': cuhk03.read_cuhk03_labeled,
-    'cuhk03_detected': cuhk03.read_cuhk03_detected,
+    **cuhk03.READERS,  # 'cuhk03_labeled', 'cuhk03_detected'
     # The classic splits of the original release: 'cuhk03_classic_labeled' (split 0),
     # 'cuhk03_classic_labeled_split1' ... '_split19', and the same for 'detected'.
     **cuhk03_classic.READERS,
     'msmt17': msmt17.read_msmt17,
     'veri776': veri.read_veri776,
-    'veriwild_small': veri.read_veriwild_small,
-    'veriwild_medium': veri.read_veriwild_medium,
-    'veriwild_large': veri.read_veriwild_large,
-    'partial_ilids': partial.read_partial_ilids,
-    'partial_reid': partial.read_partial_reid,
+    **veri.VERIWILD_READERS,  # 'veriwild_small', 'veriwild_medium', 'veriwild_large'
+    'partial_ilids': partial_reid.read_partial_ilids,
+    'partial_reid': partial_reid.read_partial_reid,
     'folder': market.read_folder,
 }
 
 # name -> description (layout, source, published statistics).
-SPECS: Mapping[str, base.DatasetSpec] = {
+SPECS: Mapping[str, DatasetSpec] = {
     'market1501': market.MARKET1501,
     'dukemtmcreid': market.DUKEMTMC,
     'cuhk03_labeled': cuhk03.SPECS['labeled'],
@@ -49,9 +47,9 @@ SPECS: Mapping[str, base.DatasetSpec] = {
     'veriwild_small': veri.VERIWILD,
     'veriwild_medium': veri.VERIWILD,
     'veriwild_large': veri.VERIWILD,
-    'partial_ilids': partial.PARTIAL_ILIDS,
-    'partial_reid': partial.PARTIAL_REID,
-    'folder': base.DatasetSpec(
+    'partial_ilids': partial_reid.PARTIAL_ILIDS,
+    'partial_reid': partial_reid.PARTIAL_REID,
+    'folder': DatasetSpec(
         title='folder dataset',
         layout=('ROOT/\n  bounding_box_train/   PID_cCAM....jpg\n'
                 '  query/\n  bounding_box_test/'),
@@ -62,7 +60,7 @@ SPECS: Mapping[str, base.DatasetSpec] = {
 TEST_ONLY = frozenset({'partial_ilids', 'partial_reid'})
 
 
-def get_reader(name: str) -> base.Reader:
+def get_reader(name: str) -> reader_utils.Reader:
   """Returns the reader of a catalog name.
 
   Args:

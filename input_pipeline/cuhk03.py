@@ -4,10 +4,17 @@ Layout as released with the re-ranking code (`cuhk03-np/{labeled,detected}`),
 each variant a Market-style tree of `PID_cCAM_N.png` images.
 """
 
-from input_pipeline import base
+from collections.abc import Mapping
+import functools
+
 from input_pipeline import market
+from input_pipeline import reader_utils
+from input_pipeline.choices import check_choice
+from input_pipeline.dataset_stats import DatasetSpec
+from input_pipeline.dataset_stats import SplitStats
 from input_pipeline.records import ReIDDataset
 
+# The boxes of the CUHK03 release: hand-labelled or from a person detector.
 VARIANTS = ('labeled', 'detected')
 
 _LAYOUT = """
@@ -26,19 +33,19 @@ _SOURCE = ('the CUHK03 release (Li et al., CVPR 2014) converted to the new '
            'repository)')
 
 SPECS = {
-    'labeled': base.DatasetSpec(
+    'labeled': DatasetSpec(
         title='CUHK03-NP (labeled)', layout=_LAYOUT, source=_SOURCE,
         published={
-            'train': base.SplitStats(767, 7368, 2),
-            'query': base.SplitStats(700, 1400, 2),
-            'gallery': base.SplitStats(700, 5328, 2),
+            'train': SplitStats(767, 7368, 2),
+            'query': SplitStats(700, 1400, 2),
+            'gallery': SplitStats(700, 5328, 2),
         }),
-    'detected': base.DatasetSpec(
+    'detected': DatasetSpec(
         title='CUHK03-NP (detected)', layout=_LAYOUT, source=_SOURCE,
         published={
-            'train': base.SplitStats(767, 7365, 2),
-            'query': base.SplitStats(700, 1400, 2),
-            'gallery': base.SplitStats(700, 5332, 2),
+            'train': SplitStats(767, 7365, 2),
+            'query': SplitStats(700, 1400, 2),
+            'gallery': SplitStats(700, 5332, 2),
         }),
 }
 
@@ -57,11 +64,9 @@ def read_cuhk03(root: str, *, variant: str = 'labeled', verify: bool = False,
     The dataset named 'cuhk03_labeled' or 'cuhk03_detected'.
 
   Raises:
-    base.DatasetError: unknown variant or a bad dataset folder.
+    reader_utils.DatasetError: unknown variant or a bad dataset folder.
   """
-  if variant not in VARIANTS:
-    raise base.DatasetError(
-        f'CUHK03-NP variant must be one of {VARIANTS}, got {variant!r}.')
+  check_choice('CUHK03-NP variant', variant, VARIANTS, reader_utils.DatasetError)
   return market.read_market_style(
       root, name=f'cuhk03_{variant}', spec=SPECS[variant],
       candidates=(variant, f'cuhk03-np/{variant}', f'CUHK03-NP/{variant}',
@@ -69,33 +74,7 @@ def read_cuhk03(root: str, *, variant: str = 'labeled', verify: bool = False,
       pattern=market.FOLDER_PATTERN, verify=verify, num_threads=num_threads)
 
 
-def read_cuhk03_labeled(root: str, *, verify: bool = False,
-                        num_threads: int = 8) -> ReIDDataset:
-  """Reads CUHK03-NP labeled; see `read_cuhk03`.
-
-  Args:
-    root: the `cuhk03-np` folder or its parent.
-    verify: drop images that cannot be decoded.
-    num_threads: threads for the image check.
-
-  Returns:
-    The dataset named 'cuhk03_labeled'.
-  """
-  return read_cuhk03(root, variant='labeled', verify=verify,
-                     num_threads=num_threads)
-
-
-def read_cuhk03_detected(root: str, *, verify: bool = False,
-                         num_threads: int = 8) -> ReIDDataset:
-  """Reads CUHK03-NP detected; see `read_cuhk03`.
-
-  Args:
-    root: the `cuhk03-np` folder or its parent.
-    verify: drop images that cannot be decoded.
-    num_threads: threads for the image check.
-
-  Returns:
-    The dataset named 'cuhk03_detected'.
-  """
-  return read_cuhk03(root, variant='detected', verify=verify,
-                     num_threads=num_threads)
+# Catalog name -> reader: 'cuhk03_labeled' and 'cuhk03_detected'.
+READERS: Mapping[str, reader_utils.Reader] = {
+    f'cuhk03_{variant}': functools.partial(read_cuhk03, variant=variant)
+    for variant in VARIANTS}

@@ -7,7 +7,7 @@ As torchreid's `CUHK03(cuhk03_classic_split=True)` (the BoT baseline's
 'testsets', 20 tables of 100 (camera pair, person) test identities. Split k trains on
 the 1,367 other identities and tests on its 100: every test image is both a query and
 a gallery image, scored with the CUHK03 single-gallery-shot protocol (the query's own
-camera is excluded), which `reid_jax.evaluate.resolve_protocol` picks under 'auto' for
+camera is excluded), which `reid_jax.evaluation.resolve_protocol` picks under 'auto' for
 `PROTOCOL_NAMES`.
 
 On first use the images of a variant are written once as PNG files
@@ -29,10 +29,14 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from input_pipeline import base
+from input_pipeline import cuhk03
+from input_pipeline import reader_utils
+from input_pipeline.choices import check_choice
+from input_pipeline.dataset_stats import DatasetSpec
+from input_pipeline.dataset_stats import SplitStats
 from input_pipeline.records import ReIDDataset
 
-VARIANTS = ('labeled', 'detected')
+VARIANTS = cuhk03.VARIANTS  # the release's two kinds of boxes, as CUHK03-NP's
 NUM_SPLITS = 20  # the release's 'testsets'
 MAT_PATH = os.path.join('cuhk03_release', 'cuhk-03.mat')
 # The published sizes: 1,467 identities in 5 camera pairs, 100 test identities a split.
@@ -83,12 +87,12 @@ _SOURCE = ('the CUHK03 release (Li et al., "DeepReID", CVPR 2014: the archive '
            '`cuhk03_release.zip` from the authors\' page, holding cuhk-03.mat)')
 
 SPECS = {
-    variant: base.DatasetSpec(title=f'CUHK03 classic splits ({variant})',
-                              layout=_LAYOUT, source=_SOURCE)
+    variant: DatasetSpec(title=f'CUHK03 classic splits ({variant})',
+                         layout=_LAYOUT, source=_SOURCE)
     for variant in VARIANTS}
 
 
-def published_stats(variant: str, num_test_images: int) -> dict[str, base.SplitStats]:
+def published_stats(variant: str, num_test_images: int) -> dict[str, SplitStats]:
   """The published statistics of a classic split.
 
   Train and test identities and the 2 views are fixed; the test images of a split
@@ -99,11 +103,11 @@ def published_stats(variant: str, num_test_images: int) -> dict[str, base.SplitS
     num_test_images: images of the split's test identities.
 
   Returns:
-    split name -> statistics, for `base.compare_with_published`.
+    split name -> statistics, for `dataset_stats.compare_with_published`.
   """
-  test = base.SplitStats(NUM_TEST_IDS, num_test_images, 2)
-  return {'train': base.SplitStats(NUM_TRAIN_IDS,
-                                   RELEASE_IMAGES[variant] - num_test_images, 2),
+  test = SplitStats(NUM_TEST_IDS, num_test_images, 2)
+  return {'train': SplitStats(NUM_TRAIN_IDS,
+                              RELEASE_IMAGES[variant] - num_test_images, 2),
           'query': test, 'gallery': test}
 
 
@@ -130,15 +134,15 @@ def _wait(writes: list[concurrent.futures.Future], image_dir: str) -> None:
     for write in writes:
       write.result()
   except OSError as e:
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'CUHK03: cannot write the images to {image_dir!r} ({e}); {_WRITABLE}') from e
   writes.clear()
 
 
-def _mat_error(mat_path: str, what: str) -> base.DatasetError:
-  return base.DatasetError(
+def _mat_error(mat_path: str, what: str) -> reader_utils.DatasetError:
+  return reader_utils.DatasetError(
       f'{mat_path}: {what}; expected the CUHK03 release (MATLAB v7.3).\n'
-      f'{base.layout_help(SPECS[VARIANTS[0]])}')
+      f'{reader_utils.layout_help(SPECS[VARIANTS[0]])}')
 
 
 def extract(folder: str, variant: str, num_threads: int = 8
@@ -157,7 +161,7 @@ def extract(folder: str, variant: str, num_threads: int = 8
     (identities in (pair, person) order, test sets as lists of (pair, person)).
 
   Raises:
-    base.DatasetError: a file that is not the release, or a folder not writable.
+    reader_utils.DatasetError: a file that is not the release, or a folder not writable.
   """
   import h5py  # pylint: disable=g-import-not-at-top  (only for the one extraction)
   mat_path = os.path.join(folder, MAT_PATH)
@@ -167,7 +171,7 @@ def extract(folder: str, variant: str, num_threads: int = 8
   try:
     os.makedirs(image_dir, exist_ok=True)
   except OSError as e:
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'CUHK03: cannot create {image_dir!r} ({e}); {_WRITABLE}') from e
   try:
     mat = h5py.File(mat_path, 'r')
@@ -227,7 +231,7 @@ def extract(folder: str, variant: str, num_threads: int = 8
       json.dump(index, f)
     os.replace(tmp, index_path)
   except OSError as e:
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'CUHK03: cannot write {index_path!r} ({e}); {_WRITABLE}') from e
   return identities, testsets
 
@@ -244,14 +248,14 @@ def _read_index(path: str, variant: str
                   for p, q, names in index['identities']]
     testsets = [[(int(p), int(q)) for p, q in t] for t in index['testsets']]
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'CUHK03: {path} is not an index written by this reader ({e}); delete it to '
         f'extract {MAT_PATH} again.') from e
   return identities, testsets
 
 
 def classic_split(identities: Sequence[Identity], test_set: Sequence[tuple[int, int]],
-                  image_dir: str) -> tuple[list[base.Item], list[base.Item]]:
+                  image_dir: str) -> tuple[list[reader_utils.Item], list[reader_utils.Item]]:
   """The train and test images of a split (the reference's `_extract_classic_split`).
 
   Args:
@@ -264,8 +268,8 @@ def classic_split(identities: Sequence[Identity], test_set: Sequence[tuple[int, 
     from 0 in the order of `identities`; camid is the view minus 1.
   """
   test_ids = set(test_set)
-  train: list[base.Item] = []
-  test: list[base.Item] = []
+  train: list[reader_utils.Item] = []
+  test: list[reader_utils.Item] = []
   counts = {'train': 0, 'test': 0}
   for pair, person, names in identities:
     part = 'test' if (pair, person) in test_ids else 'train'
@@ -293,37 +297,35 @@ def read_cuhk03_classic(root: str, *, variant: str = 'labeled', split: int = 0,
     same images (the test identities').
 
   Raises:
-    base.DatasetError: an unknown variant or split, a missing or malformed release, or
+    reader_utils.DatasetError: an unknown variant or split, a missing or malformed release, or
       missing extracted images.
   """
-  if variant not in VARIANTS:
-    raise base.DatasetError(
-        f'CUHK03 classic variant must be one of {VARIANTS}, got {variant!r}.')
+  check_choice('CUHK03 classic variant', variant, VARIANTS, reader_utils.DatasetError)
   spec = SPECS[variant]
   index_name = f'cuhk03_classic_{variant}.json'
-  folder, _ = base.find_root(root, spec, [[MAT_PATH], [index_name]],
-                                  candidates=('', 'cuhk03', 'CUHK03'))
+  folder, _ = reader_utils.find_root(root, spec, [[MAT_PATH], [index_name]],
+                                     candidates=('', 'cuhk03', 'CUHK03'))
   index_path = os.path.join(folder, index_name)
   if os.path.isfile(index_path):
     identities, testsets = _read_index(index_path, variant)
   else:  # the release is there (the layout find_root matched)
     identities, testsets = extract(folder, variant, num_threads)
   if not 0 <= split < len(testsets):
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'CUHK03 classic split must be in 0..{len(testsets) - 1} (the release has '
         f'{len(testsets)} test sets), got {split}.')
   image_dir = os.path.join(folder, f'images_{variant}')
   train, test = classic_split(identities, testsets[split], image_dir)
   for part, items in (('train', train), ('test', test)):
-    base.check_files_exist(items, spec=spec, split=part)
+    reader_utils.check_files_exist(items, spec=spec, split=part)
   name = catalog_name(variant, split)
-  spec = base.DatasetSpec(spec.title, spec.layout, spec.source,
-                          published_stats(variant, len(test)))
-  return base.build_dataset(name, spec, train=train, query=test, gallery=test,
-                            verify=verify, num_threads=num_threads)
+  spec = DatasetSpec(spec.title, spec.layout, spec.source,
+                     published_stats(variant, len(test)))
+  return reader_utils.build_dataset(name, spec, train=train, query=test, gallery=test,
+                                    verify=verify, num_threads=num_threads)
 
 
 # name -> reader, for the catalog.
-READERS: Mapping[str, base.Reader] = {
+READERS: Mapping[str, reader_utils.Reader] = {
     name: functools.partial(read_cuhk03_classic, variant=variant, split=split)
     for name, (variant, split) in SPLITS.items()}

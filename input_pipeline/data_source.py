@@ -23,9 +23,10 @@ import dataclasses
 import re
 from typing import Any, Optional
 
-from input_pipeline import base
 from input_pipeline import catalog
-from input_pipeline import pipeline
+from input_pipeline import decode
+from input_pipeline import reader_utils
+from input_pipeline.choices import check_choice
 from input_pipeline.records import ReIDDataset
 
 DATA_FORMATS = ('folder', 'tfds')
@@ -37,15 +38,15 @@ class DataSource:
 
   Attributes:
     dataset: the records (train, query, gallery).
-    load_train_image: `pipeline.LoadImageFn` for `dataset.train` (called with the
+    load_train_image: `decode.LoadImageFn` for `dataset.train` (called with the
       record's path and its index in `dataset.train`), or None to read the paths.
     load_test_image: the same for `list(dataset.query) + list(dataset.gallery)`.
     label: the name a test set's results are logged and saved under (see
       `TestSetSpec`); empty for a training source.
   """
   dataset: ReIDDataset
-  load_train_image: Optional[pipeline.LoadImageFn] = None
-  load_test_image: Optional[pipeline.LoadImageFn] = None
+  load_train_image: Optional[decode.LoadImageFn] = None
+  load_test_image: Optional[decode.LoadImageFn] = None
   label: str = ''
 
 
@@ -78,35 +79,36 @@ def parse_test_datasets(config: Any) -> tuple[TestSetSpec, ...]:
   without those the training dataset is the test set.
 
   Args:
-    config: the run's config (`test_datasets` may be absent: legacy configs).
+    config: the run's config (test_datasets, test_dataset, test_data_dir, dataset,
+      data_dir).
 
   Returns:
     The specs, labels unique.
 
   Raises:
-    base.DatasetError: a malformed entry, unknown dataset, bad or repeated label, or
+    reader_utils.DatasetError: a malformed entry, unknown dataset, bad or repeated label, or
       both `test_datasets` and the legacy `test_dataset` set.
   """
-  entries = config.get('test_datasets', None) or ()
+  entries = config.test_datasets
   if isinstance(entries, str):
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'config.test_datasets must be a tuple of strings, got the string {entries!r}; '
         f'write ({entries!r},).')
   entries = tuple(entries)
-  legacy = config.get('test_dataset', '') or ''
+  legacy = config.test_dataset
   if entries and legacy:
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'config.test_datasets={entries} and the legacy config.test_dataset={legacy!r} '
         'are both set; list every test set in test_datasets only.')
   if not entries:
     if legacy:
-      entries = (f'{legacy}:{config.get("test_data_dir", "") or ""}',)
+      entries = (f'{legacy}:{config.test_data_dir}',)
     else:
       entries = (f'{config.dataset}:{config.data_dir}',)
   specs = []
   for entry in entries:
     if not isinstance(entry, str) or not entry:
-      raise base.DatasetError(
+      raise reader_utils.DatasetError(
           f'config.test_datasets entries must be non-empty strings '
           f"'[label=]dataset[:data_dir]', got {entry!r}.")
     head, _, data_dir = entry.partition(':')
@@ -114,14 +116,14 @@ def parse_test_datasets(config: Any) -> tuple[TestSetSpec, ...]:
     catalog.get_reader(name)
     label = label or name
     if not _LABEL.fullmatch(label):
-      raise base.DatasetError(
+      raise reader_utils.DatasetError(
           f'Test set label {label!r} (in {entry!r}) must be letters, digits, _ . or - '
           'and not start with . or -.')
     specs.append(TestSetSpec(label, name, data_dir))
   labels = [s.label for s in specs]
   repeated = sorted({l for l in labels if labels.count(l) > 1})
   if repeated:
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'Test set labels must be unique, {repeated} appear more than once in '
         f"config.test_datasets; name them 'label=dataset:data_dir'.")
   return tuple(specs)
@@ -132,9 +134,9 @@ def _read_tfds(name: str, root: str, tfds_data_dir: Optional[str]) -> DataSource
   from input_pipeline import tfds_builders  # pylint: disable=g-import-not-at-top
   dataset, images = tfds_builders.read_tfds_dataset_and_images(
       name, data_dir=tfds_data_dir, manual_dir=root or None)
-  load_train = (pipeline.in_memory_loader(images['train']) if images['train'] else None)
+  load_train = (decode.in_memory_loader(images['train']) if images['train'] else None)
   return DataSource(dataset, load_train,
-                    pipeline.in_memory_loader(images['query'] + images['gallery']))
+                    decode.in_memory_loader(images['query'] + images['gallery']))
 
 
 def load_train_test(config: Any) -> tuple[DataSource, list[DataSource]]:
@@ -142,7 +144,7 @@ def load_train_test(config: Any) -> tuple[DataSource, list[DataSource]]:
 
   Config fields: `dataset`, `data_dir`, `test_datasets` (or the legacy `test_dataset` /
   `test_data_dir`), `data_format` (one of DATA_FORMATS), `tfds_data_dir`,
-  `verify_images` (folder format only).
+  `verify_images` and `folder` (the generic 'folder' reader; folder format only).
 
   Args:
     config: an ml_collections.ConfigDict as `configs/default.py`.
@@ -153,21 +155,19 @@ def load_train_test(config: Any) -> tuple[DataSource, list[DataSource]]:
     that is the training dataset (same name and folder) shares its records.
 
   Raises:
-    base.DatasetError: unknown names or format, a test-only training dataset, a
+    reader_utils.DatasetError: unknown names or format, a test-only training dataset, a
       missing test data dir, a bad `test_datasets` entry, or any reader error.
   """
   data_format = config.data_format
-  if data_format not in DATA_FORMATS:
-    raise base.DatasetError(f'config.data_format must be one of {DATA_FORMATS}, '
-                            f'got {data_format!r}.')
+  check_choice('config.data_format', data_format, DATA_FORMATS, reader_utils.DatasetError)
   tfds_data_dir = config.tfds_data_dir or None
 
   def load(name: str, root: str) -> DataSource:
     if data_format == 'tfds':
       return _read_tfds(name, root, tfds_data_dir)
     options = {}
-    folder = config.get('folder', None)  # absent from legacy configs
-    if name == 'folder' and folder is not None:  # the generic reader's config.folder
+    if name == 'folder':  # the generic reader's config.folder
+      folder = config.folder
       options = {'train_dir': folder.train_dir, 'query_dir': folder.query_dir,
                  'gallery_dir': folder.gallery_dir, 'pattern': folder.pattern}
     return DataSource(catalog.load_dataset(name, root, verify=bool(config.verify_images),
@@ -177,7 +177,7 @@ def load_train_test(config: Any) -> tuple[DataSource, list[DataSource]]:
   train_name = config.dataset
   catalog.get_reader(train_name)
   if train_name in catalog.TEST_ONLY:
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'config.dataset={train_name!r} is a test-only dataset (no train split); train '
         f"on another dataset and set config.test_datasets=('{train_name}:DIR',).")
   specs = []
@@ -187,14 +187,14 @@ def load_train_test(config: Any) -> tuple[DataSource, list[DataSource]]:
       if spec.dataset == train_name:
         test_dir = config.data_dir
       elif data_format == 'folder':
-        where = ('config.test_data_dir' if config.get('test_dataset', '') else
+        where = ('config.test_data_dir' if config.test_dataset else
                  f"its folder in config.test_datasets ('{spec.dataset}:DIR')")
-        raise base.DatasetError(
+        raise reader_utils.DatasetError(
             f'Test set {spec.label!r} ({spec.dataset!r}) needs {where}.')
     specs.append(dataclasses.replace(spec, data_dir=test_dir))
   train = load(train_name, config.data_dir)
   if not train.dataset.train:
-    raise base.DatasetError(f'Dataset {train_name!r} has no training images.')
+    raise reader_utils.DatasetError(f'Dataset {train_name!r} has no training images.')
   loaded: dict[tuple[str, str], DataSource] = {(train_name, config.data_dir): train}
   tests = []
   for spec in specs:

@@ -48,8 +48,7 @@ Fidelity notes (what equals the baseline, Bag-of-Tricks `build_transforms`, and
     normalised tensor. The baseline builds RandomErasing with
     `mean=cfg.INPUT.PIXEL_MEAN`, so the fill is the raw pixel mean (0.485,
     0.456, 0.406), not 0 (the normalised mean); `AugmentConfig.erase_value`
-    overrides it (from `config.input.random_erasing_value` when present, as in
-    `transforms.py`).
+    overrides it (`config.input.random_erasing_value`, empty by default).
   * Keys: `image_keys` folds (epoch, position in the epoch's global batch
     order) into `jax.random.key(seed)`, so an image's augmentation does not
     depend on the device or process count, or on how the batch is laid out.
@@ -81,6 +80,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from input_pipeline.choices import check_choice
 
 # The baseline's RandomErasing constants.
 ERASE_SL = 0.02
@@ -153,13 +154,14 @@ class AugmentConfig:
     """Builds the settings from `config.input` (see configs/default.py).
 
     Args:
-      cfg_input: has image_size, flip_prob, padding, random_erasing_prob,
-        pixel_mean, pixel_std and optionally random_erasing_value.
+      cfg_input: `config.input`: image_size, flip_prob, padding,
+        random_erasing_prob, pixel_mean, pixel_std and random_erasing_value
+        (empty: the pixel mean).
 
     Returns:
       the AugmentConfig.
     """
-    value = getattr(cfg_input, 'random_erasing_value', None)
+    value = tuple(cfg_input.random_erasing_value)
     return cls(
         image_size=tuple(cfg_input.image_size),
         flip_prob=cfg_input.flip_prob,
@@ -167,7 +169,7 @@ class AugmentConfig:
         random_erasing_prob=cfg_input.random_erasing_prob,
         pixel_mean=tuple(cfg_input.pixel_mean),
         pixel_std=tuple(cfg_input.pixel_std),
-        erase_value=None if value is None else tuple(value))
+        erase_value=value or None)
 
   @property
   def fill(self) -> tuple[float, float, float]:
@@ -298,13 +300,13 @@ def _check_images(images: jax.Array, cfg: AugmentConfig | None) -> None:
                      'training size.')
 
 
-_OUTPUT_DTYPES = ('float32', 'bfloat16', 'float16')
+# The dtypes the augmentation writes (the compute dtypes: reid_jax.precision.DTYPES).
+OUTPUT_DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 def _output_dtype(dtype: Any) -> np.dtype:
   dtype = np.dtype(dtype)
-  if dtype.name not in _OUTPUT_DTYPES:
-    raise ValueError(f'dtype must be one of {_OUTPUT_DTYPES}, got {dtype}.')
+  check_choice('dtype', dtype.name, OUTPUT_DTYPES)
   return dtype
 
 

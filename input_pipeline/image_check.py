@@ -8,7 +8,7 @@ from the stream's plan: the sampler's epoch for training, consecutive records fo
 evaluation) are decoded again one by one with the pipeline's own loader, and an
 `UndecodableImageError` names each file that fails, its size, TensorFlow's reason
 and the fix: `config.verify_images=True` drops undecodable images when the dataset
-is read (`base.verify_images`). Files that PIL can read but TensorFlow cannot (so
+is read (`reader_utils.verify_images`). Files that PIL can read but TensorFlow cannot (so
 that verify_images keeps them) are told apart. Batches that decode cost nothing.
 
 The training loop catches the error, saves its last good state and adds where
@@ -25,8 +25,9 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 
-from input_pipeline import base
+from input_pipeline import decode
 from input_pipeline import pipeline
+from input_pipeline import reader_utils
 from input_pipeline.records import Record
 
 # The TensorFlow errors a file that cannot be read or decoded raises in tf.data.
@@ -115,7 +116,7 @@ def _file_size(path: str) -> Optional[int]:
 
 
 def find_undecodable(records: Sequence[Record], indices: Iterable[int],
-                     load_image: Optional[pipeline.LoadImageFn] = None,
+                     load_image: Optional[decode.LoadImageFn] = None,
                      num_threads: int = 8) -> list[BadImage]:
   """Decodes `records[i]` for each i with the pipeline's loader; returns the failures.
 
@@ -129,7 +130,7 @@ def find_undecodable(records: Sequence[Record], indices: Iterable[int],
   Returns:
     The images that fail, in the order of `indices`.
   """
-  load = load_image or pipeline._default_load_image  # pylint: disable=protected-access
+  load = load_image or decode.load_image_file
   indices = list(dict.fromkeys(int(i) for i in indices if int(i) >= 0))
 
   def problem(i: int) -> Optional[BadImage]:
@@ -140,7 +141,7 @@ def find_undecodable(records: Sequence[Record], indices: Iterable[int],
       if load_image is not None:
         return BadImage(path, _reason(e), None, from_file=False)
       size = _file_size(path)
-      pil_ok = bool(size) and base._image_problem(path) is None  # pylint: disable=protected-access
+      pil_ok = bool(size) and reader_utils.image_problem(path) is None
       return BadImage(path, _reason(e), size, pil_ok)
     return None
 
@@ -152,7 +153,7 @@ def find_undecodable(records: Sequence[Record], indices: Iterable[int],
 def name_bad_images(batches: Iterable[Any], records: Sequence[Record],
                     batch_indices: Callable[[int], Iterable[int]],
                     describe: Callable[[int], str],
-                    load_image: Optional[pipeline.LoadImageFn] = None
+                    load_image: Optional[decode.LoadImageFn] = None
                     ) -> Iterator[Any]:
   """Yields `batches`; a decode error in batch i becomes an `UndecodableImageError`.
 
@@ -194,7 +195,7 @@ def name_bad_images(batches: Iterable[Any], records: Sequence[Record],
 
 def train_stream(stream: Iterable[Any], records: Sequence[Record], config: Any, *,
                  steps_per_epoch: int, start_step: int, num_devices: int,
-                 load_image: Optional[pipeline.LoadImageFn] = None) -> Iterator[Any]:
+                 load_image: Optional[decode.LoadImageFn] = None) -> Iterator[Any]:
   """`pipeline.create_train_stream`'s batches, naming the files of a failing step.
 
   Item i is global step s = start_step + i: the sampler's batch s % steps_per_epoch of
@@ -226,7 +227,7 @@ def train_stream(stream: Iterable[Any], records: Sequence[Record], config: Any, 
 
 
 def eval_batches(batches: Iterable[Any], records: Sequence[Record], config: Any,
-                 load_image: Optional[pipeline.LoadImageFn] = None) -> Iterator[Any]:
+                 load_image: Optional[decode.LoadImageFn] = None) -> Iterator[Any]:
   """`pipeline.create_eval_dataset`'s batches, naming the files of a failing batch.
 
   Batch i holds records [i * B, (i + 1) * B), B = config.test.batch_size (global).

@@ -8,7 +8,9 @@ cameras are numbered from 1 in the name and from 0 in the records.
 import os
 import re
 
-from input_pipeline import base
+from input_pipeline import reader_utils
+from input_pipeline.dataset_stats import DatasetSpec
+from input_pipeline.dataset_stats import SplitStats
 from input_pipeline.records import ReIDDataset
 
 # torchreid's pattern for Market-1501 and DukeMTMC-reID (one camera digit).
@@ -16,7 +18,7 @@ MARKET_PATTERN = r'([-\d]+)_c(\d)'
 # The generic reader's default: any number of camera digits.
 FOLDER_PATTERN = r'([-\d]+)_c(\d+)'
 
-MARKET1501 = base.DatasetSpec(
+MARKET1501 = DatasetSpec(
     title='Market-1501',
     layout="""
 Market-1501-v15.09.15/
@@ -27,12 +29,12 @@ Market-1501-v15.09.15/
     source=('the official Market-1501 page (Zheng et al., "Scalable Person '
             'Re-identification: A Benchmark", ICCV 2015)'),
     published={
-        'train': base.SplitStats(751, 12936, 6),
-        'query': base.SplitStats(750, 3368, 6),
-        'gallery': base.SplitStats(751, 15913, 6),
+        'train': SplitStats(751, 12936, 6),
+        'query': SplitStats(750, 3368, 6),
+        'gallery': SplitStats(751, 15913, 6),
     })
 
-DUKEMTMC = base.DatasetSpec(
+DUKEMTMC = DatasetSpec(
     title='DukeMTMC-reID',
     layout="""
 DukeMTMC-reID/
@@ -43,15 +45,15 @@ DukeMTMC-reID/
     source=('an existing copy of DukeMTMC-reID (Zheng et al., ICCV 2017; the '
             'original DukeMTMC page has been withdrawn by its authors)'),
     published={
-        'train': base.SplitStats(702, 16522, 8),
-        'query': base.SplitStats(702, 2228, 8),
-        'gallery': base.SplitStats(1110, 17661, 8),
+        'train': SplitStats(702, 16522, 8),
+        'query': SplitStats(702, 2228, 8),
+        'gallery': SplitStats(1110, 17661, 8),
     })
 
 MARKET_SPLITS = ('bounding_box_train', 'query', 'bounding_box_test')
 
 
-def read_market_style(root: str, *, name: str, spec: base.DatasetSpec,
+def read_market_style(root: str, *, name: str, spec: DatasetSpec,
                       candidates: tuple[str, ...] = ('',),
                       train_dir: str | None = 'bounding_box_train',
                       query_dir: str = 'query',
@@ -79,25 +81,25 @@ def read_market_style(root: str, *, name: str, spec: base.DatasetSpec,
     The dataset.
 
   Raises:
-    base.DatasetError: on a missing folder, an empty split, unparsable names
+    reader_utils.DatasetError: on a missing folder, an empty split, unparsable names
       or query ids absent from the gallery.
   """
   split_dirs = {'train': train_dir, 'query': query_dir, 'gallery': gallery_dir}
   required = [d for d in split_dirs.values() if d]
-  folder, _ = base.find_root(root, spec, [required], candidates)
+  folder, _ = reader_utils.find_root(root, spec, [required], candidates)
   items = {}
   for split, sub in split_dirs.items():
     if not sub:
       items[split] = []
       continue
-    paths = base.list_images(os.path.join(folder, sub), spec=spec, split=split,
-                             recursive=recursive)
-    items[split] = base.parse_names(paths, pattern, spec=spec, split=split,
-                                    cam_base=cam_base)
-  return base.build_dataset(name, spec, train=items['train'],
-                            query=items['query'], gallery=items['gallery'],
-                            verify=verify, num_threads=num_threads,
-                            has_train=bool(train_dir))
+    paths = reader_utils.list_images(os.path.join(folder, sub), spec=spec, split=split,
+                                     recursive=recursive)
+    items[split] = reader_utils.parse_names(paths, pattern, spec=spec, split=split,
+                                            cam_base=cam_base)
+  return reader_utils.build_dataset(name, spec, train=items['train'],
+                                    query=items['query'], gallery=items['gallery'],
+                                    verify=verify, num_threads=num_threads,
+                                    has_train=bool(train_dir))
 
 
 def read_market1501(root: str, *, verify: bool = False,
@@ -168,11 +170,11 @@ def read_folder(root: str, *, train_dir: str | None = 'bounding_box_train',
     The dataset (no published statistics to compare with).
   """
   if re.compile(pattern).groups < 2:
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'pattern {pattern!r} needs two groups: the pid and the camera.')
   tree = '\n'.join(f'  {d}/   PID_cCAM....jpg' for d in
                    (train_dir, query_dir, gallery_dir) if d)
-  spec = base.DatasetSpec(
+  spec = DatasetSpec(
       title=f'folder dataset {name!r}',
       layout=f'ROOT/\n{tree}\n(file names matching "{pattern}")',
       source=('your own data (any Market-style folder tree): ROOT is config.data_dir, '

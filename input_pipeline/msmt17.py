@@ -9,7 +9,9 @@ validation list is merged into train by default (its ids are train ids).
 import dataclasses
 import os
 
-from input_pipeline import base
+from input_pipeline import reader_utils
+from input_pipeline.dataset_stats import DatasetSpec
+from input_pipeline.dataset_stats import SplitStats
 from input_pipeline.records import ReIDDataset
 
 # version -> (train image folder, test image folder)
@@ -19,7 +21,7 @@ VERSIONS = {
 }
 LISTS = ('list_train.txt', 'list_val.txt', 'list_query.txt', 'list_gallery.txt')
 
-MSMT17 = base.DatasetSpec(
+MSMT17 = DatasetSpec(
     title='MSMT17',
     layout="""
 MSMT17_V1/                 (V2: MSMT17_V2/ with mask_train_v2/ and mask_test_v2/)
@@ -33,14 +35,14 @@ MSMT17_V1/                 (V2: MSMT17_V2/ with mask_train_v2/ and mask_test_v2/
     source=('the official MSMT17 page (Wei et al., "Person Transfer GAN", CVPR '
             '2018; granted on request after signing the release agreement)'),
     published={
-        'train': base.SplitStats(1041, 32621, 15),
-        'query': base.SplitStats(3060, 11659, 15),
-        'gallery': base.SplitStats(3060, 82161, 15),
+        'train': SplitStats(1041, 32621, 15),
+        'query': SplitStats(3060, 11659, 15),
+        'gallery': SplitStats(3060, 82161, 15),
     })
 
 
 def parse_list(list_path: str, image_dir: str, *, split: str
-               ) -> list[base.Item]:
+               ) -> list[reader_utils.Item]:
   """Parses an MSMT17 list file.
 
   Args:
@@ -52,9 +54,9 @@ def parse_list(list_path: str, image_dir: str, *, split: str
     [(absolute path, pid, camid)] in file order.
 
   Raises:
-    base.DatasetError: lines that do not parse, or an empty list.
+    reader_utils.DatasetError: lines that do not parse, or an empty list.
   """
-  lines = base.read_lines(list_path)
+  lines = reader_utils.read_lines(list_path)
   items, bad = [], []
   for number, line in lines:
     fields = line.split()
@@ -67,12 +69,12 @@ def parse_list(list_path: str, image_dir: str, *, split: str
       bad.append(f'{os.path.basename(list_path)}:{number}: {line}')
       continue
     items.append((os.path.join(image_dir, rel), pid, camid))
-  base.raise_unparsed(MSMT17, split, bad, len(lines),
-                      "'PID/PID_IDX_CAM_....jpg PID' lines")
+  reader_utils.raise_unparsed(MSMT17, split, bad, len(lines),
+                              "'PID/PID_IDX_CAM_....jpg PID' lines")
   if not items:
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'MSMT17: no images listed in {list_path!r} ({split} split).\n'
-        f'{base.layout_help(MSMT17)}')
+        f'{reader_utils.layout_help(MSMT17)}')
   return items
 
 
@@ -93,7 +95,7 @@ def read_msmt17(root: str, *, merge_val: bool = True, check_files: bool = True,
   """
   required = [[train_dir, test_dir, *LISTS]
               for train_dir, test_dir in VERSIONS.values()]
-  folder, index = base.find_root(
+  folder, index = reader_utils.find_root(
       root, MSMT17, required,
       candidates=('', 'MSMT17_V1', 'MSMT17_V2', 'MSMT17', 'msmt17/MSMT17_V1',
                   'msmt17/MSMT17_V2', 'msmt17'))
@@ -107,7 +109,7 @@ def read_msmt17(root: str, *, merge_val: bool = True, check_files: bool = True,
   }
   spec = MSMT17 if merge_val else dataclasses.replace(
       MSMT17, published={**MSMT17.published,
-                         'train': base.SplitStats(1041, 30248, 15)})
+                         'train': SplitStats(1041, 30248, 15)})
   items = {}
   for split, sources in lists.items():
     items[split] = []
@@ -117,7 +119,7 @@ def read_msmt17(root: str, *, merge_val: bool = True, check_files: bool = True,
     # train and val never overlap; guard against lists given twice.
     items[split] = sorted(set(items[split]))
     if check_files:
-      base.check_files_exist(items[split], spec=spec, split=split)
-  return base.build_dataset('msmt17', spec, train=items['train'],
-                            query=items['query'], gallery=items['gallery'],
-                            verify=verify, num_threads=num_threads)
+      reader_utils.check_files_exist(items[split], spec=spec, split=split)
+  return reader_utils.build_dataset('msmt17', spec, train=items['train'],
+                                    query=items['query'], gallery=items['gallery'],
+                                    verify=verify, num_threads=num_threads)

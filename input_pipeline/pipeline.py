@@ -35,19 +35,16 @@ How the stream is built:
     work per image is a memory copy, into reused 64-byte aligned buffers
     (`prefetch.HostBuffers`: no page faults, and CPU devices use them in place).
 
-Image sources: by default a record's `path` is a file read with
-`tf.io.read_file` and decoded by `decode_image` (JPEG bit-exact with PIL; PNG,
-BMP, GIF's first frame). Other sources (e.g. TFDS / TFRecord examples) plug in
-through `load_image(path, index) -> uint8 (h, w, 3)`, called inside the
-tf.data graph with the record's path (tf.string) and its index in `records`
-(tf.int64); `in_memory_loader(encoded)` builds one from encoded images.
+Image sources (`input_pipeline.decode`): by default a record's `path` is a file read
+and decoded by `decode_image` (JPEG bit-exact with PIL); other sources (e.g. TFDS
+shards' bytes, `in_memory_loader`) plug in as `load_image(path, index)`.
 
 `prefetch_to_device` (from `input_pipeline.prefetch`) moves host batches onto
 the local devices in a background thread, ahead of the step; the training loop
 sends only `TRAIN_DEVICE_KEYS` ('index' stays on the host).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import dataclasses
 import logging
 import math
@@ -56,59 +53,23 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from input_pipeline import decode
 from input_pipeline import sampler as sampler_lib
 from input_pipeline import transforms
+from input_pipeline.choices import check_choice
+# Re-exported: the image readers (`input_pipeline.decode`) and the device prefetch
+# (`input_pipeline.prefetch`) are used through this module by the loop and the tools.
+from input_pipeline.decode import decode_image  # pylint: disable=unused-import
+from input_pipeline.decode import in_memory_loader  # pylint: disable=unused-import
+from input_pipeline.decode import LoadImageFn
 from input_pipeline.prefetch import HostBuffers
 from input_pipeline.prefetch import prefetch_to_device  # pylint: disable=unused-import
 from input_pipeline.records import Record
 
-LoadImageFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+# config.sampler: 'pk' = RandomIdentitySampler (P x K), 'shuffle' = ShuffleSampler.
+SAMPLERS = ('pk', 'shuffle')
+# config.input.cache (see `choose_cache`).
 CACHE_MODES = ('none', 'host', 'auto')
-
-
-def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-  """Decodes JPEG / PNG / BMP / GIF bytes to uint8 (h, w, 3), as PIL does.
-
-  JPEGs use the accurate integer DCT (libjpeg's JDCT_ISLOW, what PIL uses) with
-  fancy upsampling: bit-exact with PIL's decoding, whereas TF's default DCT
-  differs by up to ~9 grey levels.
-
-  Args:
-    encoded: scalar tf.string of the file's bytes.
-
-  Returns:
-    uint8 tensor (h, w, 3).
-  """
-  return tf.cond(
-      tf.io.is_jpeg(encoded),
-      lambda: tf.io.decode_jpeg(encoded, channels=3,
-                                dct_method='INTEGER_ACCURATE'),
-      lambda: tf.io.decode_image(encoded, channels=3,
-                                 expand_animations=False))
-
-
-def _default_load_image(path: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-  """Reads and decodes the image file at `path` (index unused)."""
-  del index
-  return decode_image(tf.io.read_file(path))
-
-
-def in_memory_loader(encoded: Sequence[bytes]) -> LoadImageFn:
-  """Returns a `load_image` hook decoding `encoded[index]` (e.g. TFDS bytes).
-
-  Args:
-    encoded: encoded images (JPEG/PNG bytes), aligned with the records.
-
-  Returns:
-    load_image(path, index) -> uint8 (h, w, 3).
-  """
-  table = tf.constant(list(encoded), dtype=tf.string)
-
-  def load(path: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-    del path
-    return decode_image(tf.gather(table, index))
-
-  return load
 
 
 def make_sampler(records: Sequence[Record], config: Any, num_devices: int
@@ -126,15 +87,13 @@ def make_sampler(records: Sequence[Record], config: Any, num_devices: int
   Raises:
     ValueError: for an unknown config.sampler or an invalid batch layout.
   """
+  check_choice('config.sampler', config.sampler, SAMPLERS)
   if config.sampler == 'pk':
     return sampler_lib.RandomIdentitySampler(
         [r.pid for r in records], config.batch_size, config.num_instances,
         config.seed, num_shards=num_devices)
-  if config.sampler == 'shuffle':
-    return sampler_lib.ShuffleSampler(
-        len(records), config.batch_size, config.seed, num_shards=num_devices)
-  raise ValueError(
-      f"config.sampler must be 'pk' or 'shuffle', got {config.sampler!r}.")
+  return sampler_lib.ShuffleSampler(
+      len(records), config.batch_size, config.seed, num_shards=num_devices)
 
 
 def steps_per_epoch(records: Sequence[Record], config: Any,
@@ -211,8 +170,7 @@ def choose_cache(mode: str, num_images: int, image_size: Sequence[int],
   Raises:
     ValueError: for an unknown mode.
   """
-  if mode not in CACHE_MODES:
-    raise ValueError(f'config.input.cache must be one of {CACHE_MODES}, got {mode!r}.')
+  check_choice('config.input.cache', mode, CACHE_MODES)
   height, width = (int(s) for s in image_size)
   nbytes = int(num_images) * height * width * 3
   size = f'{nbytes / 1e9:.2f} GB for {num_images} images of {height}x{width}x3 uint8'
@@ -418,7 +376,7 @@ def create_train_stream(records: Sequence[Record],
                      start_step, start_step + num_steps, cached)
   plans = planner.dataset()
   paths = tf.constant([r.path for r in records], tf.string)
-  load = load_image or _default_load_image
+  load = load_image or decode.load_image_file
 
   def load_one(index: tf.Tensor) -> tf.Tensor:
     return transforms.resize(load(tf.gather(paths, index), index), image_size)
@@ -500,7 +458,7 @@ def create_eval_dataset(records: Sequence[Record],
   all_paths = [r.path for r in records]
   paths = [all_paths[i] if i >= 0 else '' for i in index]
   image_size = tuple(int(s) for s in config.input.image_size)
-  load = load_image or _default_load_image
+  load = load_image or decode.load_image_file
 
   def process(example):
     idx = example['index']

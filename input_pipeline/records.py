@@ -3,6 +3,9 @@
 import dataclasses
 from typing import NamedTuple
 
+# The splits of a ReIDDataset, in order.
+SPLITS = ('train', 'query', 'gallery')
+
 
 class Record(NamedTuple):
   """One image of a re-ID dataset.

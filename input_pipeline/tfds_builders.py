@@ -42,10 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from input_pipeline import base
 from input_pipeline import catalog
+from input_pipeline import reader_utils
 from input_pipeline.records import Record
 from input_pipeline.records import ReIDDataset
+from input_pipeline.records import SPLITS
 
 VERSION = '1.0.0'
 BUILDER_PREFIX = 'reid_'
@@ -72,7 +73,7 @@ def builder_class(name: str) -> type[Any]:
     A `tfds.core.GeneratorBasedBuilder` subclass named `reid_<name>`.
 
   Raises:
-    base.DatasetError: unknown name.
+    reader_utils.DatasetError: unknown name.
   """
   reader = catalog.get_reader(name)
   spec = catalog.SPECS[name]
@@ -83,7 +84,7 @@ def builder_class(name: str) -> type[Any]:
       f'Place {spec.title} in the manual dir (the folder the catalog reader '
       f'{name!r} accepts) and pass it as '
       f'`download_config=tfds.download.DownloadConfig(manual_dir=...)`.\n'
-      f'{base.layout_help(spec)}\n')
+      f'{reader_utils.layout_help(spec)}\n')
   encoding = 'png' if name.startswith('cuhk03') else 'jpeg'
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -106,7 +107,7 @@ def builder_class(name: str) -> type[Any]:
     root = os.path.abspath(os.fspath(dl_manager.manual_dir))
     dataset = reader(root, verify=True)
     return {split: self._generate_examples(getattr(dataset, split), root)
-            for split in base.SPLITS if getattr(dataset, split)}
+            for split in SPLITS if getattr(dataset, split)}
 
   def _generate_examples(self, records, root):
     del self  # unused
@@ -163,12 +164,12 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None) -> Any:
     The prepared builder.
 
   Raises:
-    base.DatasetError: the folder is missing or does not parse.
+    reader_utils.DatasetError: the folder is missing or does not parse.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = get_builder(name, data_dir)
   if not os.path.isdir(manual_dir):
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'{builder.name}: manual dir {manual_dir!r} does not exist.\n'
         f'{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -185,38 +186,32 @@ def _prepared_builder(name: str, data_dir: str | None,
     return builder
   if manual_dir:
     return prepare(name, manual_dir, data_dir)
-  raise base.DatasetError(
+  raise reader_utils.DatasetError(
       f'TFDS dataset {builder.name} {VERSION} is not prepared in '
       f'{builder.data_dir!r}; run '
       f'input_pipeline.tfds_builders.prepare({name!r}, MANUAL_DIR, data_dir) '
       f'or give the dataset folder as data dir.')
 
 
-def as_tf_dataset(name: str, split: str, data_dir: str | None = None, *,
-                  decode_images: bool = False, shuffle_files: bool = False,
-                  read_config: Any = None) -> Any:
-  """Reads a prepared split as a `tf.data.Dataset` of dicts.
+def as_tf_dataset(name: str, split: str, data_dir: str | None = None) -> Any:
+  """Reads a prepared split as a `tf.data.Dataset` of dicts, images left encoded.
 
   Args:
     name: a key of `catalog.DATASETS`.
     split: 'train', 'query' or 'gallery' (any TFDS split string).
     data_dir: TFDS data dir.
-    decode_images: decode 'image' to uint8 (H, W, 3); default: the encoded
-      bytes as a scalar tf.string.
-    shuffle_files: shuffle the file order (training).
-    read_config: optional `tfds.ReadConfig`.
 
   Returns:
-    Dataset of {'image', 'pid', 'camid', 'path', 'index'}, in storage order.
+    Dataset of {'image' (the encoded bytes, a scalar tf.string: the pipeline decodes
+    them as PIL does, `input_pipeline.decode`), 'pid', 'camid', 'path', 'index'}, in
+    storage order.
 
   Raises:
-    base.DatasetError: not prepared.
+    reader_utils.DatasetError: not prepared.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = _prepared_builder(name, data_dir)
-  decoders = None if decode_images else {'image': tfds.decode.SkipDecoding()}
-  return builder.as_dataset(split=split, shuffle_files=shuffle_files,
-                            decoders=decoders, read_config=read_config)
+  return builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
 
 
 def read_tfds_arrays(name: str, split: str, data_dir: str | None = None,
@@ -282,13 +277,13 @@ def read_tfds_dataset(name: str, data_dir: str | None = None,
     The dataset (missing splits, e.g. train of a test-only set, are empty).
 
   Raises:
-    base.DatasetError: not prepared and no manual dir.
+    reader_utils.DatasetError: not prepared and no manual dir.
   """
   builder = _prepared_builder(name, data_dir, manual_dir)
   image_root = os.path.abspath(manual_dir) if manual_dir else None
   splits = {split: (read_tfds_split(name, split, data_dir, image_root)
                     if split in builder.info.splits else ())
-            for split in base.SPLITS}
+            for split in SPLITS}
   return ReIDDataset(name=name, **splits)
 
 
@@ -324,7 +319,7 @@ def read_tfds_dataset_and_images(name: str, data_dir: str | None = None,
   builder = _prepared_builder(name, data_dir, manual_dir)
   image_root = os.path.abspath(manual_dir) if manual_dir else None
   splits, images = {}, {}
-  for split in base.SPLITS:
+  for split in SPLITS:
     if split in builder.info.splits:
       splits[split], images[split] = _read_split_and_images(name, split, data_dir,
                                                             image_root)

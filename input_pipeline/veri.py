@@ -8,16 +8,22 @@ camera ids are mapped to 0..N-1 in sorted order over the whole info file, so
 that every split and test size shares one camid scope.
 """
 
+from collections.abc import Mapping
 import dataclasses
+import functools
 import os
 
-from input_pipeline import base
 from input_pipeline import market
+from input_pipeline import reader_utils
+from input_pipeline.choices import check_choice
+from input_pipeline.dataset_stats import DatasetSpec
+from input_pipeline.dataset_stats import SplitStats
 from input_pipeline.records import ReIDDataset
+from input_pipeline.records import SPLITS
 
 VERI776_PATTERN = r'([\d]+)_c(\d+)'
 
-VERI776 = base.DatasetSpec(
+VERI776 = DatasetSpec(
     title='VeRi-776',
     layout="""
 VeRi/
@@ -29,22 +35,22 @@ VeRi/
             're-identification in urban surveillance videos", ICME 2016 / '
             'ECCV 2016; granted on request)'),
     published={
-        'train': base.SplitStats(576, 37778, 20),
-        'query': base.SplitStats(200, 1678, None),
-        'gallery': base.SplitStats(200, 11579, None),
+        'train': SplitStats(576, 37778, 20),
+        'query': SplitStats(200, 1678, None),
+        'gallery': SplitStats(200, 11579, None),
     })
 
 # test size -> (query list, gallery list, published query, published gallery)
 VERIWILD_TESTS = {
     'small': ('test_3000_query.txt', 'test_3000.txt',
-              base.SplitStats(3000, 3000), base.SplitStats(3000, 38861)),
+              SplitStats(3000, 3000), SplitStats(3000, 38861)),
     'medium': ('test_5000_query.txt', 'test_5000.txt',
-               base.SplitStats(5000, 5000), base.SplitStats(5000, 64389)),
+               SplitStats(5000, 5000), SplitStats(5000, 64389)),
     'large': ('test_10000_query.txt', 'test_10000.txt',
-              base.SplitStats(10000, 10000), base.SplitStats(10000, 128517)),
+              SplitStats(10000, 10000), SplitStats(10000, 128517)),
 }
 
-VERIWILD = base.DatasetSpec(
+VERIWILD = DatasetSpec(
     title='VeRi-Wild',
     layout="""
 VERI-Wild/
@@ -60,7 +66,7 @@ VERI-Wild/
     source=('the VERI-Wild authors (Lou et al., "VERI-Wild: A Large Dataset and '
             'a New Method for Vehicle Re-Identification in the Wild", CVPR '
             '2019; granted on request, see the PKU-IMRE/VERI-Wild GitHub page)'),
-    published={'train': base.SplitStats(30671, 277797)})
+    published={'train': SplitStats(30671, 277797)})
 
 
 def read_veri776(root: str, *, verify: bool = False,
@@ -92,9 +98,9 @@ def read_vehicle_info(path: str) -> dict[str, int]:
     image id (file stem) -> camid, camera ids mapped to 0..N-1 in sorted order.
 
   Raises:
-    base.DatasetError: lines that do not parse.
+    reader_utils.DatasetError: lines that do not parse.
   """
-  lines = base.read_lines(path)
+  lines = reader_utils.read_lines(path)
   raw, bad = {}, []
   for i, (number, line) in enumerate(lines):
     fields = line.split(';')
@@ -109,14 +115,14 @@ def read_vehicle_info(path: str) -> dict[str, int]:
       bad.append(f'vehicle_info.txt:{number}: {line}')
       continue
     raw[image_id] = camera
-  base.raise_unparsed(VERIWILD, 'vehicle_info', bad, len(lines),
-                      "'VID/IMAGE_ID;CAMERA_ID;...' lines")
+  reader_utils.raise_unparsed(VERIWILD, 'vehicle_info', bad, len(lines),
+                              "'VID/IMAGE_ID;CAMERA_ID;...' lines")
   mapping = {c: i for i, c in enumerate(sorted(set(raw.values())))}
   return {image_id: mapping[c] for image_id, c in raw.items()}
 
 
 def parse_veriwild_list(list_path: str, image_dir: str, cams: dict[str, int],
-                        *, split: str) -> list[base.Item]:
+                        *, split: str) -> list[reader_utils.Item]:
   """Parses a VeRi-Wild list file of `VID/IMAGE_ID` lines.
 
   Args:
@@ -129,10 +135,10 @@ def parse_veriwild_list(list_path: str, image_dir: str, cams: dict[str, int],
     [(absolute path, vid, camid)] in file order.
 
   Raises:
-    base.DatasetError: lines that do not parse, images without camera, or an
+    reader_utils.DatasetError: lines that do not parse, images without camera, or an
       empty list.
   """
-  lines = base.read_lines(list_path)
+  lines = reader_utils.read_lines(list_path)
   items, bad, no_cam = [], [], []
   for number, line in lines:
     try:
@@ -149,17 +155,17 @@ def parse_veriwild_list(list_path: str, image_dir: str, cams: dict[str, int],
       continue
     items.append((os.path.join(image_dir, vid_str, image_id + '.jpg'), vid,
                   cams[image_id]))
-  base.raise_unparsed(VERIWILD, split, bad, len(lines), "'VID/IMAGE_ID' lines")
+  reader_utils.raise_unparsed(VERIWILD, split, bad, len(lines), "'VID/IMAGE_ID' lines")
   if no_cam:
-    examples = ', '.join(repr(n) for n in no_cam[:base.MAX_EXAMPLES])
-    raise base.DatasetError(
+    examples = ', '.join(repr(n) for n in no_cam[:reader_utils.MAX_EXAMPLES])
+    raise reader_utils.DatasetError(
         f'VeRi-Wild: {len(no_cam)} images of the {split} split '
         f'({os.path.basename(list_path)}) are not in vehicle_info.txt, e.g. '
         f'{examples}.')
   if not items:
-    raise base.DatasetError(
+    raise reader_utils.DatasetError(
         f'VeRi-Wild: no images listed in {list_path!r} ({split} split).\n'
-        f'{base.layout_help(VERIWILD)}')
+        f'{reader_utils.layout_help(VERIWILD)}')
   return items
 
 
@@ -179,11 +185,10 @@ def read_veriwild(root: str, *, test_size: str = 'small',
     The dataset named 'veriwild_{test_size}'.
 
   Raises:
-    base.DatasetError: unknown test size or a bad dataset folder.
+    reader_utils.DatasetError: unknown test size or a bad dataset folder.
   """
-  if test_size not in VERIWILD_TESTS:
-    raise base.DatasetError(f'VeRi-Wild test_size must be one of '
-                            f'{tuple(VERIWILD_TESTS)}, got {test_size!r}.')
+  check_choice('VeRi-Wild test_size', test_size, tuple(VERIWILD_TESTS),
+               reader_utils.DatasetError)
   query_list, gallery_list, query_stats, gallery_stats = VERIWILD_TESTS[test_size]
   spec = dataclasses.replace(
       VERIWILD, title=f'VeRi-Wild ({test_size})',
@@ -192,57 +197,24 @@ def read_veriwild(root: str, *, test_size: str = 'small',
   lists = ['train_test_split/train_list.txt',
            f'train_test_split/{query_list}', f'train_test_split/{gallery_list}']
   info_places = ('train_test_split/vehicle_info.txt', 'vehicle_info.txt')
-  folder, index = base.find_root(
+  folder, index = reader_utils.find_root(
       root, spec, [['images', *lists, info] for info in info_places],
       candidates=('', 'VERI-Wild', 'VeRi-Wild', 'veri-wild', 'VeRiWild',
                   'veriwild'))
   cams = read_vehicle_info(os.path.join(folder, info_places[index]))
   image_dir = os.path.join(folder, 'images')
   items = {}
-  for split, list_rel in zip(base.SPLITS, lists):
+  for split, list_rel in zip(SPLITS, lists):
     items[split] = parse_veriwild_list(os.path.join(folder, list_rel),
                                        image_dir, cams, split=split)
     if check_files:
-      base.check_files_exist(items[split], spec=spec, split=split)
-  return base.build_dataset(f'veriwild_{test_size}', spec, train=items['train'],
-                            query=items['query'], gallery=items['gallery'],
-                            verify=verify, num_threads=num_threads)
+      reader_utils.check_files_exist(items[split], spec=spec, split=split)
+  return reader_utils.build_dataset(f'veriwild_{test_size}', spec, train=items['train'],
+                                    query=items['query'], gallery=items['gallery'],
+                                    verify=verify, num_threads=num_threads)
 
 
-def read_veriwild_small(root: str, **kwargs) -> ReIDDataset:
-  """Reads VeRi-Wild with the small test set (3,000 ids); see `read_veriwild`.
-
-  Args:
-    root: the `VERI-Wild` folder or its parent.
-    **kwargs: `check_files`, `verify`, `num_threads`.
-
-  Returns:
-    The dataset named 'veriwild_small'.
-  """
-  return read_veriwild(root, test_size='small', **kwargs)
-
-
-def read_veriwild_medium(root: str, **kwargs) -> ReIDDataset:
-  """Reads VeRi-Wild with the medium test set (5,000 ids); see `read_veriwild`.
-
-  Args:
-    root: the `VERI-Wild` folder or its parent.
-    **kwargs: `check_files`, `verify`, `num_threads`.
-
-  Returns:
-    The dataset named 'veriwild_medium'.
-  """
-  return read_veriwild(root, test_size='medium', **kwargs)
-
-
-def read_veriwild_large(root: str, **kwargs) -> ReIDDataset:
-  """Reads VeRi-Wild with the large test set (10,000 ids); see `read_veriwild`.
-
-  Args:
-    root: the `VERI-Wild` folder or its parent.
-    **kwargs: `check_files`, `verify`, `num_threads`.
-
-  Returns:
-    The dataset named 'veriwild_large'.
-  """
-  return read_veriwild(root, test_size='large', **kwargs)
+# Catalog name -> reader: 'veriwild_small', 'veriwild_medium' and 'veriwild_large'.
+VERIWILD_READERS: Mapping[str, reader_utils.Reader] = {
+    f'veriwild_{size}': functools.partial(read_veriwild, test_size=size)
+    for size in VERIWILD_TESTS}

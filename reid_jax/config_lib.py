@@ -1,32 +1,36 @@
-"""Start-up checks of a config against the devices, and the values derived from it."""
+"""Start-up checks of a config against the devices, and the values derived from it.
+
+`validate` checks every choice against the allowed values of the module that uses it
+(`models.NECKS`, `train_step.LOSS_TYPES`, `pipeline.SAMPLERS`, ...) with the project's
+one check, `input_pipeline.choices.check_choice`, raising `ConfigError`.
+"""
 
 import copy
 import logging
+from typing import Any, Callable
 
 import ml_collections
 
 from eval import distance as distance_lib
-from input_pipeline import base
 from input_pipeline import data_source
+from input_pipeline import device_augment
+from input_pipeline import pipeline
+from input_pipeline.choices import check_choice
 from reid_jax import convert
-from reid_jax import evaluate as evaluate_lib
+from reid_jax import evaluation
 from reid_jax import models
+from reid_jax import optim
+from reid_jax import precision
+from reid_jax import train_step as step_lib
+from reid_jax.backbones import layers
 
-MODEL_NAMES = models.MODEL_NAMES  # owned by the models (and reid_jax.backbones)
-LOSS_TYPES = ('softmax', 'triplet', 'softmax_triplet', 'softmax_triplet_center')
-SAMPLERS = ('pk', 'shuffle')
+
+# What config.model.name accepts (owned by reid_jax.models and reid_jax.backbones).
+MODEL_NAMES = models.MODEL_NAMES
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
-
-
-def _choice(config: ml_collections.ConfigDict, field: str, allowed: tuple[str, ...]) -> None:
-  value = config
-  for part in field.split('.'):
-    value = value[part]
-  if value not in allowed:
-    raise ConfigError(f'config.{field}={value!r} is not one of {", ".join(allowed)}.')
 
 
 def num_identities_per_batch(config: ml_collections.ConfigDict) -> int:
@@ -35,7 +39,8 @@ def num_identities_per_batch(config: ml_collections.ConfigDict) -> int:
 
 
 def uses_center_loss(config: ml_collections.ConfigDict) -> bool:
-  return config.loss.type.endswith('center')
+  """Whether config.loss.type has the center loss (`train_step.LossConfig.use_center`)."""
+  return step_lib.LossConfig.from_config(config).use_center
 
 
 def resolve_reference_gpus(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -61,7 +66,7 @@ def resolve_reference_gpus(config: ml_collections.ConfigDict) -> ml_collections.
   Raises:
     ConfigError: num_reference_gpus is not a non-negative integer.
   """
-  n = config.get('num_reference_gpus', 0)
+  n = config.num_reference_gpus
   if isinstance(n, bool) or not isinstance(n, int) or n < 0:
     raise ConfigError(f'config.num_reference_gpus={n!r} must be 0 (off) or the number '
                       'of GPUs of the multi-GPU variant run to reproduce.')
@@ -96,20 +101,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   Raises:
     ConfigError: naming the field that is wrong and what was expected.
   """
-  if config.get('num_reference_gpus', 0):
+  if config.num_reference_gpus:
     config = resolve_reference_gpus(copy.deepcopy(config))
-  _choice(config, 'model.name', MODEL_NAMES)
-  _choice(config, 'model.neck', models.NECKS)
-  _choice(config, 'model.neck_feat', models.NECK_FEATS)
-  _choice(config, 'model.pooling', models.POOLINGS)
-  _choice(config, 'loss.type', LOSS_TYPES)
-  _choice(config, 'sampler', SAMPLERS)
-  _choice(config, 'data_format', data_source.DATA_FORMATS)
-  _choice(config, 'model.pretrain_choice', convert.PRETRAIN_CHOICES)
+  for field, allowed in (
+      ('model.name', MODEL_NAMES),
+      ('model.neck', models.NECKS),
+      ('model.neck_feat', models.NECK_FEATS),
+      ('model.pooling', models.POOLINGS),
+      ('model.last_stride', layers.LAST_STRIDES),
+      ('model.pretrain_choice', convert.PRETRAIN_CHOICES),
+      ('loss.type', step_lib.LOSS_TYPES),
+      ('sampler', pipeline.SAMPLERS),
+      ('data_format', data_source.DATA_FORMATS),
+      ('input.cache', pipeline.CACHE_MODES),
+      ('dtype', precision.CONFIG_DTYPES),
+      ('optim.name', optim.OPTIMIZERS),
+      ('test.distance', distance_lib.DISTANCES),
+      ('test.protocol', evaluation.PROTOCOLS)):
+    check_choice(f'config.{field}', _field(config, field), allowed, ConfigError)
+  loss = _parsed(step_lib.LossConfig.from_config, config)
+  _parsed(optim.validate_schedule_config, config.schedule)
   if config.model.pretrained:
     convert.check_pretrained_file(config.model.pretrained, config.model.pretrain_choice)
-  if config.model.last_stride not in (1, 2):
-    raise ConfigError(f'config.model.last_stride={config.model.last_stride} must be 1 or 2.')
   if config.batch_size <= 0 or config.batch_size % num_devices:
     raise ConfigError(
         f'config.batch_size={config.batch_size} must be a positive multiple of the '
@@ -118,7 +131,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(
         f'config.test.batch_size={config.test.batch_size} must be a positive multiple of '
         f'the {num_devices} devices.')
-  if 'triplet' in config.loss.type and config.sampler != 'pk':
+  if loss.use_triplet and config.sampler != 'pk':
     raise ConfigError(
         f'config.loss.type={config.loss.type!r} mines triplets and needs '
         f"config.sampler='pk' (got {config.sampler!r}).")
@@ -129,7 +142,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
           f'config.batch_size={config.batch_size} must be P * K with '
           f'K = config.num_instances={k} >= 2 images per identity.')
     p = num_identities_per_batch(config)
-    if p % num_devices and not config.get('identities_may_span_devices', False):
+    if p % num_devices and not config.identities_may_span_devices:
       raise ConfigError(
           f'P = config.batch_size / config.num_instances = {p} identities per batch must '
           f'be a multiple of the {num_devices} devices, so each device holds whole '
@@ -146,6 +159,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(
         f'config.input.image_size={config.input.image_size} must be (height, width), '
         'both positive.')
+  _parsed(device_augment.AugmentConfig.from_config, config.input)
   if not config.optim.base_lr > 0:
     raise ConfigError(f'config.optim.base_lr={config.optim.base_lr} must be positive (a '
                       'negative rate would ascend the loss).')
@@ -165,8 +179,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
 def _validate_test(config: ml_collections.ConfigDict) -> None:
   """The evaluation fields (config.test.*, config.test_datasets)."""
-  _choice(config, 'test.distance', distance_lib.DISTANCES)
-  _choice(config, 'test.protocol', evaluate_lib.PROTOCOLS)
   test = config.test
   if test.max_rank < 1:
     raise ConfigError(f'config.test.max_rank={test.max_rank} must be positive.')
@@ -179,7 +191,20 @@ def _validate_test(config: ml_collections.ConfigDict) -> None:
                       f'{test.aqe_k} must be positive with config.test.aqe=True.')
   if not test.max_dense_gb > 0:
     raise ConfigError(f'config.test.max_dense_gb={test.max_dense_gb} must be positive.')
+  _parsed(data_source.parse_test_datasets, config)
+
+
+def _field(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  """config['a']['b'] for 'a.b'."""
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  return value
+
+
+def _parsed(parse: Callable[[Any], Any], value: Any) -> Any:
+  """`parse(value)`, its ValueError (a bad field, which it names) as ConfigError."""
   try:
-    data_source.parse_test_datasets(config)
-  except base.DatasetError as e:
+    return parse(value)
+  except ValueError as e:
     raise ConfigError(str(e)) from None

@@ -43,11 +43,13 @@ from reid_jax.backbones import layers
 
 PRETRAIN_CHOICES = ('imagenet', 'self')
 WRAPPER_KEYS = ('state_dict', 'model', 'net')
+# The weight files read: our converted .npz, and PyTorch's .pth / .pt (with torch).
+WEIGHT_FILE_SUFFIXES = ('.npz', '.pth', '.pt')
 
 
 def _checked_extension(path: str) -> str:
   ext = os.path.splitext(path)[1].lower()
-  if ext not in ('.npz', '.pth', '.pt'):
+  if ext not in WEIGHT_FILE_SUFFIXES:
     raise ValueError(f'Unsupported weights file {path!r}: expected .npz, .pth or .pt')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'Pretrained weights file {path!r} does not exist.')
@@ -248,6 +250,12 @@ def load_pretrained(
   logging.info('%s: found %s; loading with pretrain_choice=%r.', path,
                converted.description, choice)
   return merge_converted(converted, params, batch_stats, choice=choice, source=path)
+
+
+def file_layout(path: str) -> str:
+  """The layout of a pretrained file: one of `convert_keys.LAYOUTS` ('imagenet': a
+  backbone only; 'strong_baseline': a whole re-ID model)."""
+  return _read_and_convert(path, convert_keys.BACKBONE_FAMILIES)[1].layout
 
 
 def load_pretrained_into_state(path: str, choice: str, state: step_lib.TrainState

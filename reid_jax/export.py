@@ -11,7 +11,7 @@ normalised ((x / 255 - pixel_mean) / pixel_std in float32, then the compute dtyp
 the model runs in eval mode (running BN statistics) and returns the feature chosen
 by config.model.neck_feat; with config.test.flip the feature of the mirrored image
 is averaged in, with config.test.feat_norm the result is L2-normalised (as
-`train_step.eval_step` and `evaluate.score`). The classifier is left out. The batch
+`train_step.eval_step` and `scoring.score`). The classifier is left out. The batch
 size b is symbolic (`jax.export.symbolic_shape`), so one artifact serves any batch.
 
 Formats:
@@ -188,7 +188,7 @@ def make_feature_fn(model: models.ReIDModel, config: ml_collections.ConfigDict
 
   Same computation as the evaluation: `transforms.normalize` ((x / 255 - mean) / std,
   float32), cast to the model's dtype, `train_step.eval_step` (neck_feat of the
-  model, flip test) and `evaluate.score`'s L2 normalisation (`eval.distance.l2_normalize`,
+  model, flip test) and `scoring.score`'s L2 normalisation (`eval.distance.l2_normalize`,
   torch's F.normalize).
 
   Args:

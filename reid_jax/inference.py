@@ -20,14 +20,14 @@ these images equal the evaluation's features of the same checkpoint.
 import json
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import jax
 import numpy as np
 
 FORMAT_VERSION = 1
 SAVED_MODEL_METADATA = 'reid_jax_export.json'
-# input_pipeline.base.IMAGE_EXTENSIONS (not imported: it pulls absl and PIL).
+# input_pipeline.reader_utils.IMAGE_EXTENSIONS (not imported: it pulls absl and PIL).
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 PathLike = Union[str, os.PathLike]

@@ -1,6 +1,8 @@
 """Command line: `python -m reid_jax.main --config=configs/market.py --workdir=DIR`.
 
-Only parses flags; the work is done by `reid_jax.train`, importable from notebooks.
+Only parses flags; the work is done by `reid_jax.train` (training) and
+`reid_jax.eval_only` (--eval_only), importable from notebooks. The final results
+table goes to stdout (process 0), the log to stderr.
 Override any config field with `--config.<field>=<value>`; a misspelt field fails.
 On several hosts, start one process per host with the same --coordinator_address,
 --num_processes and each its own --process_id, or let JAX detect them (SLURM, Cloud
@@ -60,11 +62,12 @@ def main(argv):
   from reid_jax import multihost  # pylint: disable=g-import-not-at-top
   multihost.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                   FLAGS.local_device_ids)
+  from reid_jax import eval_only  # pylint: disable=g-import-not-at-top
   from reid_jax import train  # pylint: disable=g-import-not-at-top
   from reid_jax import preemption  # pylint: disable=g-import-not-at-top
   try:
     if FLAGS.eval_only:
-      train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+      eval_only.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
     else:
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except preemption.PreemptedError as e:

@@ -176,7 +176,7 @@ class ReIDModel(nn.Module):
 
   def __post_init__(self):
     layers.check_choice('backbone', self.backbone, MODEL_NAMES)
-    layers.check_choice('last_stride', self.last_stride, (1, 2))
+    layers.check_choice('last_stride', self.last_stride, layers.LAST_STRIDES)
     layers.check_choice('neck', self.neck, NECKS)
     layers.check_choice('neck_feat', self.neck_feat, NECK_FEATS)
     layers.check_choice('pooling', self.pooling, POOLINGS)
@@ -259,7 +259,7 @@ def create_model(model_config: Any, num_classes: int, dtype: Dtype = jnp.float32
 
   Args:
     model_config: `config.model` (fields name, last_stride, neck, neck_feat,
-      pooling, gem_p; optional stage_sizes and width for tiny test models).
+      pooling, gem_p, stage_sizes (() = the named network's) and width).
     num_classes: number of training identities.
     dtype: compute dtype of activations.
     bn_axis_name: axis name for cross-device BatchNorm statistics (e.g. 'batch'
@@ -270,9 +270,7 @@ def create_model(model_config: Any, num_classes: int, dtype: Dtype = jnp.float32
   Returns:
     The (unbound) model.
   """
-  get = model_config.get if hasattr(model_config, 'get') else (
-      lambda k, d=None: getattr(model_config, k, d))
-  stage_sizes = get('stage_sizes', None)
+  stage_sizes = model_config.stage_sizes
   if conv_input_barrier is None:
     conv_input_barrier = jax.default_backend() == 'cpu'
   return ReIDModel(
@@ -286,6 +284,6 @@ def create_model(model_config: Any, num_classes: int, dtype: Dtype = jnp.float32
       dtype=dtype,
       bn_axis_name=bn_axis_name,
       stage_sizes=tuple(stage_sizes) if stage_sizes else None,
-      width=int(get('width', 64) or 64),
+      width=int(model_config.width),
       conv_input_barrier=bool(conv_input_barrier))
 

@@ -1,6 +1,6 @@
 """Evaluation across the processes of a multi-host run: gather, sharded ranking, results.
 
-Each process embeds its own share of the test images (`reid_jax.evaluate.extract_features`).
+Each process embeds its own share of the test images (`reid_jax.features.extract_features`).
 Then:
 
 - `gather_rows`: every process sends the rows it embedded, once, in chunks of a fixed
@@ -136,7 +136,7 @@ def query_shards(q_pids: np.ndarray, num_shards: int, block_size: int) -> list[n
 def rank_sharded(q_feats: np.ndarray, g_feats: np.ndarray, q_pids: np.ndarray,
                  g_pids: np.ndarray, q_camids: np.ndarray, g_camids: np.ndarray,
                  distance: str, max_rank: int, *,
-                 block_size: int = 256) -> feature_metrics.FeatureRanking:
+                 block_size: int = 256) -> protocol.RankingMetrics:
   """`rank_features` with the queries shared out between the processes (a collective).
 
   Every process holds all features; each ranks its shard of queries (`query_shards`)
@@ -152,7 +152,8 @@ def rank_sharded(q_feats: np.ndarray, g_feats: np.ndarray, q_pids: np.ndarray,
     block_size: queries per tile (`rank_features`).
 
   Returns:
-    The `FeatureRanking` of all queries, without TPR@FPR; the same on every process.
+    The `eval.protocol.RankingMetrics` of all queries, without TPR@FPR; the same
+    on every process.
 
   Raises:
     ValueError: as `rank_features` (on every process), e.g. no query has a positive.
@@ -179,11 +180,8 @@ def rank_sharded(q_feats: np.ndarray, g_feats: np.ndarray, q_pids: np.ndarray,
     raise ValueError('No query has a valid match in the gallery (same identity '
                      'seen by a different camera); metrics are undefined.')
   order = np.argsort(query, kind='stable')
-  query, ap, inp, first = query[order], ap[order], inp[order], first[order]
-  cmc = protocol.cmc_from_first_ranks(first, min(int(max_rank), len(g_pids)))
-  return feature_metrics.FeatureRanking(
-      cmc=cmc.astype(np.float32), mAP=float(np.mean(ap)), mINP=float(np.mean(inp)),
-      query=query, ap=ap, inp=inp, first_rank=first)
+  return protocol.ranking_metrics(query[order], ap[order], inp[order], first[order],
+                                  min(int(max_rank), len(g_pids)))
 
 
 def from_process_0(fn: Callable[[], Any], what: str) -> Any:

@@ -30,12 +30,15 @@ the weighted total loss thus becomes that of the unweighted center loss).
 
 import bisect
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from input_pipeline.choices import check_choice
+from reid_jax import train_step as step_lib
 
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('warmup_multistep', 'cosine')
@@ -45,13 +48,6 @@ WARMUP_METHODS = ('linear', 'constant')
 WEIGHT = 'weight'
 BIAS = 'bias'
 CENTER = 'center'
-
-
-def _check_choice(value: Any, allowed: Sequence[str], field: str) -> None:
-  """Raises ValueError if `value` is not one of `allowed`."""
-  if value not in allowed:
-    raise ValueError(
-        f'Unknown {field}={value!r}; allowed values: {", ".join(allowed)}.')
 
 
 def validate_schedule_config(schedule_config: ml_collections.ConfigDict) -> None:
@@ -64,12 +60,12 @@ def validate_schedule_config(schedule_config: ml_collections.ConfigDict) -> None
     ValueError: unknown `schedule.name` / `schedule.warmup_method`, or
       milestones not in increasing order (as the baseline).
   """
-  _check_choice(schedule_config.name, SCHEDULES, 'schedule.name')
-  _check_choice(schedule_config.warmup_method, WARMUP_METHODS,
-                'schedule.warmup_method')
+  check_choice('config.schedule.name', schedule_config.name, SCHEDULES)
+  check_choice('config.schedule.warmup_method', schedule_config.warmup_method,
+               WARMUP_METHODS)
   milestones = list(schedule_config.milestones)
   if milestones != sorted(milestones):
-    raise ValueError('schedule.milestones should be a list of increasing '
+    raise ValueError('config.schedule.milestones should be a list of increasing '
                      f'integers, got {milestones}.')
 
 
@@ -224,10 +220,10 @@ def create_optimizer(config: ml_collections.ConfigDict,
 
   Raises:
     ValueError: unknown `optim.name`, `schedule.name` or
-      `schedule.warmup_method`, or a non-positive `loss.center_loss_weight` with
-      a center loss.
+      `schedule.warmup_method`, or a `config.loss` that `train_step.LossConfig`
+      rejects (e.g. a non-positive `loss.center_loss_weight` with a center loss).
   """
-  _check_choice(config.optim.name, OPTIMIZERS, 'optim.name')
+  check_choice('config.optim.name', config.optim.name, OPTIMIZERS)
   validate_schedule_config(config.schedule)
   weight_schedule = create_lr_schedule(config, steps_per_epoch)
   bias_schedule = create_lr_schedule(
@@ -235,12 +231,10 @@ def create_optimizer(config: ml_collections.ConfigDict,
   weight_decay = float(config.optim.weight_decay)
   weight_decay_bias = float(config.optim.weight_decay_bias)
 
-  center_weight = float(config.loss.center_loss_weight)
-  if center_weight > 0:
-    center_tx = optax.scale(-float(config.loss.center_lr) / center_weight)
-  elif 'center' in config.loss.type:
-    raise ValueError('loss.center_loss_weight must be positive with '
-                     f'loss.type={config.loss.type!r}, got {center_weight}.')
+  # The parsed config.loss: it refuses a center loss without a positive weight.
+  loss = step_lib.LossConfig.from_config(config)
+  if loss.center_loss_weight > 0:
+    center_tx = optax.scale(-float(config.loss.center_lr) / loss.center_loss_weight)
   else:
     center_tx = optax.set_to_zero()
 

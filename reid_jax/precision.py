@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax.training import dynamic_scale as dynamic_scale_lib
 
-DTYPES = ('float32', 'bfloat16', 'float16')
+from input_pipeline import device_augment
+from input_pipeline.choices import check_choice
+
+# The compute dtypes: those the device augmentation writes the images in.
+DTYPES = device_augment.OUTPUT_DTYPES
+# config.dtype: one of DTYPES, or '' to let config.half_precision choose.
+CONFIG_DTYPES = ('',) + DTYPES
 _GPU_PLATFORMS = ('gpu', 'cuda', 'rocm')
 # GPUs from this compute capability on (Ampere) have bfloat16 tensor cores.
 BF16_MIN_COMPUTE_CAPABILITY = 8.0
@@ -50,12 +56,10 @@ def choose_compute_dtype(config: ml_collections.ConfigDict,
     float32. `reason` is one sentence for the log.
 
   Raises:
-    ValueError: `config.dtype` is set to something other than DTYPES.
+    ValueError: `config.dtype` is not one of CONFIG_DTYPES.
   """
+  check_choice('config.dtype', config.dtype, CONFIG_DTYPES)
   if config.dtype:
-    if config.dtype not in DTYPES:
-      raise ValueError(f'Unknown config.dtype={config.dtype!r}; allowed '
-                       f'values: {", ".join(DTYPES)} (or empty).')
     return jnp.dtype(config.dtype), f'config.dtype={config.dtype!r} set explicitly'
   if not config.half_precision:
     return jnp.dtype('float32'), 'config.half_precision is False'

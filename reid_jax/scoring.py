@@ -44,7 +44,7 @@ def check_dense_memory(num_query: int, num_gallery: int, dim: int,
     num_gallery: G.
     dim: feature size.
     test_config: config.test.
-    protocol: the resolved protocol (`evaluate.resolve_protocol`).
+    protocol: the resolved protocol (`evaluation.resolve_protocol`).
     name: the test set, for the message.
 
   Raises:
@@ -109,7 +109,7 @@ def _max_rank(test_config: ml_collections.ConfigDict, num_gallery: int) -> int:
 def score(q_feats: np.ndarray, g_feats: np.ndarray, query: Sequence[Record],
           gallery: Sequence[Record], test_config: ml_collections.ConfigDict,
           protocol: str = 'market',
-          ranking: Optional[metrics_lib.FeatureRanking] = None) -> tuple[dict, dict]:
+          ranking: Optional[metrics_lib.RankingMetrics] = None) -> tuple[dict, dict]:
   """CMC, mAP and mINP (and TPR@FPR, and the same after re-ranking when asked).
 
   Features are prepared (`prepare_features`: L2-normalised with test_config.feat_norm,
@@ -125,7 +125,7 @@ def score(q_feats: np.ndarray, g_feats: np.ndarray, query: Sequence[Record],
     query: query records (pids and camids).
     gallery: gallery records.
     test_config: config.test.
-    protocol: 'market' or 'cuhk03' (`evaluate.resolve_protocol`).
+    protocol: 'market' or 'cuhk03' (`evaluation.resolve_protocol`).
     ranking: the ranking of the features, computed elsewhere (across processes:
       `multihost_eval.rank_sharded`); then q_feats and g_feats must be already
       prepared (`prepare_features`) and are used as given.
@@ -133,8 +133,8 @@ def score(q_feats: np.ndarray, g_feats: np.ndarray, query: Sequence[Record],
   Returns:
     (results, arrays): results maps names to numbers (rank{r} for r in
     test_config.cmc_ranks, mAP, mINP, TPR@FPR=..., rerank_* when re-ranking);
-    arrays holds 'cmc', 'ranking' (the `FeatureRanking`), 'q_feats' and 'g_feats'
-    (as scored) for the reports, and 'cmc_rerank'.
+    arrays holds 'cmc', 'ranking' (the `eval.metrics.RankingMetrics`), 'q_feats' and
+    'g_feats' (as scored) for the reports, and 'cmc_rerank'.
 
   Raises:
     FloatingPointError: non-finite features.
@@ -193,7 +193,7 @@ def score_on_processes(feats: np.ndarray, num_query: int, query: Sequence[Record
                        report: Optional[Callable[[dict], None]] = None) -> dict:
   """`score` of one test set on one process or across all processes (a collective).
 
-  Several processes, each holding all features (`extract_features`): when
+  Several processes, each holding all features (`features.extract_features`): when
   `shardable`, every process prepares the features (normalisation: cheap) and ranks
   its share of the queries (`multihost_eval.rank_sharded`); then process 0 alone
   completes the results (the CUHK03 protocol, re-ranking) and calls `report`; its

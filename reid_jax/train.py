@@ -27,7 +27,7 @@ from input_pipeline import pipeline
 from reid_jax import checkpoint as checkpoint_lib
 from reid_jax import config_lib
 from reid_jax import convert
-from reid_jax import evaluate as evaluate_lib
+from reid_jax import evaluation
 from reid_jax import models
 from reid_jax import multihost
 from reid_jax import optim
@@ -37,17 +37,13 @@ from reid_jax import train_step as step_lib
 from reid_jax import workdir as workdir_lib
 
 
-# --config.checkpoint files that hold a converted PyTorch model rather than orbax state.
-CONVERTED_SUFFIXES = ('.npz', '.pth', '.pt')
-
-
 class NonFiniteLossError(FloatingPointError):
   """Training produced non-finite gradients; the last good state was checkpointed."""
 
 
 @dataclasses.dataclass
 class Experiment:
-  """What `train_and_evaluate` and `evaluate_checkpoint` build from a config."""
+  """What `train_and_evaluate` and `eval_only.evaluate_checkpoint` build from a config."""
   train_source: data_source.DataSource
   # The test sets of config.test_datasets, in order (the first one's mAP is the run's).
   test_sources: tuple[data_source.DataSource, ...]
@@ -86,19 +82,20 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
                               bn_axis_name=step_lib.AXIS_NAME)
   # Dense evaluations (re-ranking, CUHK03 protocol) too big for config.test.max_dense_gb
   # are refused now, not after training.
-  evaluate_lib.check_test_sets(test_sources, config, model.feature_dim)
+  evaluation.check_test_sets(test_sources, config, model.feature_dim)
+  loss_config = step_lib.LossConfig.from_config(config)
   tx = optim.create_optimizer(config, steps_per_epoch)
   learning_rate_fn = optim.create_lr_schedule(config, steps_per_epoch)
   state = step_lib.create_train_state(
       jax.random.key(config.seed), model, tx, image_size, num_classes,
-      use_center=config_lib.uses_center_loss(config),
+      use_center=loss_config.use_center,
       dynamic_scale=precision.create_dynamic_scale(
           dtype, minimum_scale=config.min_loss_scale))
   if config.model.pretrained:
     state = convert.load_pretrained_into_state(config.model.pretrained,
                                                config.model.pretrain_choice, state)
   train_step_kwargs = dict(
-      loss_config=step_lib.LossConfig.from_config(config),
+      loss_config=loss_config,
       learning_rate_fn=learning_rate_fn,
       augment_config=device_augment.AugmentConfig.from_config(config.input),
       seed=config.seed, image_dtype=dtype)
@@ -232,7 +229,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir: checkpoints, TensorBoard events, evaluation JSON and reports go here.
 
   Returns:
-    The final evaluation results (see `evaluate.score`).
+    The final evaluation results (see `evaluation.evaluate_state`), whose table is
+    also printed on stdout (process 0).
 
   Raises:
     preemption.PreemptedError: SIGTERM/SIGINT: the state was saved first.
@@ -247,10 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   multihost.check_shared_workdir(workdir, run_id)
   # The lock first: a second run on the workdir stops before reading any data.
   with workdir_lib.WorkdirLock(workdir, run_id, process_index=jax.process_index()):
-    with multihost.together('building the experiment'):
-      exp = build_experiment(config)
-    _check_processes_agree(exp)
-    _warn_if_model_changed(workdir, config, exp.train_source.dataset.num_train_pids)
+    exp = start_experiment(config, workdir)
     if jax.process_index() == 0:
       workdir_lib.write_run_files(workdir, config, _identity_map(exp.train_source.dataset))
     manager = checkpoint_lib.create_manager(workdir, config.keep_checkpoints)
@@ -259,8 +254,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     multihost.check_agreement({'restored step': int(state.step)}, 'restore')
     with preemption.PreemptionWatch() as watch:
       results = _train_loop(exp, config, workdir, state, manager, best, watch)
-  print(evaluate_lib.format_results(results), flush=True)
+  evaluation.print_results(results)
   return results
+
+
+def start_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  """`build_experiment` on every process together, as training and eval-only start.
+
+  Several processes: they build it together (a failure on one stops all) and must
+  agree on the records and sizes. A warning names the model fields that differ from
+  the config the workdir's checkpoints were trained with.
+
+  Args:
+    config: the run's config.
+    workdir: the run's workdir (its saved config, if any, is compared).
+
+  Returns:
+    The `Experiment` (its state freshly initialised, not restored).
+  """
+  with multihost.together('building the experiment'):
+    exp = build_experiment(config)
+  _check_processes_agree(exp)
+  _warn_if_model_changed(workdir, config, exp.train_source.dataset.num_train_pids)
+  return exp
 
 
 def _check_processes_agree(exp: Experiment) -> None:
@@ -282,9 +298,9 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   steps_per_epoch = exp.steps_per_epoch
-  total_steps = config.num_epochs * steps_per_epoch
   policy = checkpoint_lib.SavePolicy.from_config(
       config, steps_per_epoch, agree=_broadcast_from_process_0())
+  total_steps = policy.total_steps  # the last step, always saved
   policy.start(time.time())
   stream = pipeline.create_train_stream(
       exp.train_source.dataset.train, config, steps_per_epoch=steps_per_epoch,
@@ -337,20 +353,20 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
     if in_epoch == 0 and (epoch_done % config.eval_every_epochs == 0
                           or epoch_done == config.num_epochs):
       try:
-        results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_sources,
-                                              config, workdir)
+        results = evaluation.evaluate_state(exp.p_eval_step, state, exp.test_sources,
+                                            config, workdir)
       except image_check.UndecodableImageError as e:  # keep the training done so far
         raise _save_after_input_error(e, state, manager) from e.__cause__
       checkpoint_lib.save_best(best, state, results)
-      writer.write_scalars(done, evaluate_lib.summary_scalars(results))
+      writer.write_scalars(done, evaluation.summary_scalars(results))
       writer.flush()
       window_start = time.time()  # evaluation time is not training time
   manager.wait_until_finished()
   best.wait_until_finished()
   writer.flush()
   if not results:  # nothing left to train: evaluate the restored state
-    results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_sources, config,
-                                          workdir)
+    results = evaluation.evaluate_state(exp.p_eval_step, state, exp.test_sources, config,
+                                        workdir)
   return results
 
 
@@ -388,55 +404,3 @@ def _broadcast_from_process_0() -> Optional[Any]:
     return None
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return multihost_utils.broadcast_one_to_all
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        checkpoint: Optional[str] = None) -> dict:
-  """Evaluation-only mode: restores a checkpoint and evaluates it.
-
-  Args:
-    config: the run's config.
-    workdir: results are written here; its latest checkpoint is used unless
-      `checkpoint` (or config.checkpoint) names one.
-    checkpoint: an explicit checkpoint path.
-
-  Returns:
-    The evaluation results.
-
-  Raises:
-    FileNotFoundError: no checkpoint to evaluate.
-  """
-  # Several processes: the same config, a workdir all of them see, the same step.
-  multihost.check_agreement(multihost.config_fields(config), 'start-up (config)')
-  multihost.check_shared_workdir(workdir, workdir_lib.shared_run_id())
-  with multihost.together('building the experiment'):
-    exp = build_experiment(config)
-  _check_processes_agree(exp)
-  _warn_if_model_changed(workdir, config, exp.train_source.dataset.num_train_pids)
-  path = checkpoint or config.checkpoint
-  with multihost.together('restoring the checkpoint'):
-    if path and path.endswith(CONVERTED_SUFFIXES):
-      # A converted (or PyTorch) re-ID model: the whole model, as pretrain_choice='self'.
-      state = convert.load_pretrained_into_state(path, 'self', exp.state)
-    elif path:
-      state = checkpoint_lib.restore_from_path(path, exp.state)
-    else:
-      manager = checkpoint_lib.create_manager(workdir, read_only=True)
-      if manager.latest_step() is not None:
-        state = checkpoint_lib.restore(manager, exp.state)
-      elif config.model.pretrained and config.model.pretrain_choice == 'self':
-        logging.info('No checkpoint in %s: evaluating the model loaded from %s.',
-                     manager.directory, config.model.pretrained)
-        state = exp.state
-      else:
-        raise FileNotFoundError(
-            f'No checkpoint in {manager.directory} to evaluate: train first, or pass '
-            '--config.checkpoint=PATH (a checkpoint folder, or a converted .npz / .pth '
-            're-ID model).')
-  multihost.check_agreement({'restored step': int(state.step)}, 'restore')
-  # Put on the devices once, not re-uploaded with every batch.
-  state = _on_devices(state)
-  results = evaluate_lib.run_evaluation(exp.p_eval_step, state, exp.test_sources, config,
-                                        workdir)
-  print(evaluate_lib.format_results(results), flush=True)
-  return results

@@ -20,6 +20,7 @@ records how many were skipped, the current streak of consecutive skipped steps, 
 the window's first skipped step with its loss terms.
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
@@ -33,6 +34,7 @@ from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 
 from input_pipeline import device_augment
+from input_pipeline.choices import check_choice
 from reid_jax import losses
 from reid_jax import precision
 
@@ -51,27 +53,60 @@ def model_params(params: Any) -> Any:
   return {k: v for k, v in params.items() if k != CENTER_KEY}
 
 
-@flax.struct.dataclass
+# config.loss.type: the terms of the total loss, joined by '_' (BoT's MODEL.METRIC_LOSS_TYPE).
+LOSS_TYPES = ('softmax', 'triplet', 'softmax_triplet', 'softmax_triplet_center')
+
+
+@dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """The loss terms and their settings, static under jit."""
-  use_softmax: bool = flax.struct.field(pytree_node=False, default=True)
-  use_triplet: bool = flax.struct.field(pytree_node=False, default=True)
-  use_center: bool = flax.struct.field(pytree_node=False, default=False)
-  label_smoothing: float = flax.struct.field(pytree_node=False, default=0.1)
-  triplet_margin: Optional[float] = flax.struct.field(pytree_node=False, default=0.3)
-  center_loss_weight: float = flax.struct.field(pytree_node=False, default=5e-4)
+  """`config.loss` parsed once: which loss terms the step adds, and their settings.
+
+  Frozen, hence hashable and compared by value: `make_parallel_steps` binds it into
+  the pmapped step as a static setting, so equal settings give the same compiled step.
+
+  Attributes:
+    use_softmax: the (label-smoothed) cross-entropy on the classifier's logits.
+    use_triplet: the batch-hard triplet loss on the features.
+    use_center: the center loss on the features (centers under params['center']).
+    label_smoothing: epsilon of the cross-entropy; 0 disables it.
+    triplet_margin: the triplet margin; None: soft margin.
+    center_loss_weight: the center loss's weight in the total loss (the center
+      optimiser of `optim.create_optimizer` divides its gradient by it too).
+  """
+  use_softmax: bool
+  use_triplet: bool
+  use_center: bool
+  label_smoothing: float
+  triplet_margin: Optional[float]
+  center_loss_weight: float
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'LossConfig':
-    kind = config.loss.type
-    return cls(
-        use_softmax='softmax' in kind,
-        use_triplet='triplet' in kind,
-        use_center='center' in kind,
-        label_smoothing=float(config.loss.label_smoothing),
-        triplet_margin=(None if config.loss.triplet_margin is None
-                        else float(config.loss.triplet_margin)),
-        center_loss_weight=float(config.loss.center_loss_weight))
+    """Parses `config.loss` (type, label_smoothing, triplet_margin, center_loss_weight).
+
+    Args:
+      config: the run's config.
+
+    Returns:
+      The LossConfig.
+
+    Raises:
+      ValueError: loss.type is not one of LOSS_TYPES, or a center loss has a
+        non-positive center_loss_weight.
+    """
+    check_choice('config.loss.type', config.loss.type, LOSS_TYPES)
+    terms = config.loss.type.split('_')
+    center_loss_weight = float(config.loss.center_loss_weight)
+    if 'center' in terms and not center_loss_weight > 0:
+      raise ValueError(
+          f'config.loss.center_loss_weight must be positive with '
+          f'config.loss.type={config.loss.type!r}, got {center_loss_weight}.')
+    margin = config.loss.triplet_margin
+    return cls(use_softmax='softmax' in terms, use_triplet='triplet' in terms,
+               use_center='center' in terms,
+               label_smoothing=float(config.loss.label_smoothing),
+               triplet_margin=None if margin is None else float(margin),
+               center_loss_weight=center_loss_weight)
 
 
 def compute_loss(params: Any, batch_stats: Any, apply_fn: Callable, batch: dict,

@@ -10,9 +10,9 @@ that step, as a preemption notice would; `REID_TEST_FAIL_BUILD=<process>` makes
 `train.build_experiment` raise on that process (a host whose start-up fails).
 
 Evaluation: `eval_results` (the metrics each evaluation returned on this process),
-`written` (each call of `evaluate.write_results` / `evaluate.write_reports_png` here)
-and `ranked_queries` (the number of queries of each `rank_features` call here).
-`REID_TEST_SCORING_CHECK=1` first runs `scoring_check` in `train.evaluate_checkpoint`
+`written` (each call of `evaluation.write_results` / `evaluation.write_reports_png`
+here) and `ranked_queries` (the number of queries of each `rank_features` call here).
+`REID_TEST_SCORING_CHECK=1` first runs `scoring_check` in `eval_only.evaluate_checkpoint`
 (the processes are started by then): the cross-process gather and ranking on
 `scoring_problem`'s features, saved to `$REID_TEST_OUT/scoring-<i>.npz`.
 """
@@ -152,12 +152,12 @@ def _install_evaluation_hooks(record: dict, dump, out: str) -> None:
   """Records what each evaluation returned, wrote and ranked on this process."""
   from eval import feature_metrics  # pylint: disable=g-import-not-at-top
   from eval import metrics  # pylint: disable=g-import-not-at-top
-  from reid_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from reid_jax import train  # pylint: disable=g-import-not-at-top
-  run_evaluation, rank_features = evaluate.run_evaluation, feature_metrics.rank_features
+  from reid_jax import eval_only  # pylint: disable=g-import-not-at-top
+  from reid_jax import evaluation  # pylint: disable=g-import-not-at-top
+  evaluate_state, rank_features = evaluation.evaluate_state, feature_metrics.rank_features
 
-  def recording_run_evaluation(*args, **kwargs):
-    results = run_evaluation(*args, **kwargs)
+  def recording_evaluate_state(*args, **kwargs):
+    results = evaluate_state(*args, **kwargs)
     record['eval_results'].append({k: v for k, v in results.items()
                                    if k.startswith('rank') or k in ('mAP', 'mINP')})
     dump()
@@ -174,18 +174,18 @@ def _install_evaluation_hooks(record: dict, dump, out: str) -> None:
       return fn(*args, **kwargs)
     return wrapped
 
-  evaluate.run_evaluation = recording_run_evaluation
+  evaluation.evaluate_state = recording_evaluate_state
   feature_metrics.rank_features = metrics.rank_features = recording_rank_features
-  evaluate.write_results = recording('eval_results.json', evaluate.write_results)
-  evaluate.write_reports_png = recording('reports', evaluate.write_reports_png)
+  evaluation.write_results = recording('eval_results.json', evaluation.write_results)
+  evaluation.write_reports_png = recording('reports', evaluation.write_reports_png)
   if os.environ.get('REID_TEST_SCORING_CHECK'):
-    evaluate_checkpoint = train.evaluate_checkpoint
+    evaluate_checkpoint = eval_only.evaluate_checkpoint
 
     def checking_evaluate_checkpoint(*args, **kwargs):
       scoring_check(out)
       return evaluate_checkpoint(*args, **kwargs)
 
-    train.evaluate_checkpoint = checking_evaluate_checkpoint
+    eval_only.evaluate_checkpoint = checking_evaluate_checkpoint
 
 
 def main() -> None:

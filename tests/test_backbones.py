@@ -251,7 +251,7 @@ def test_se_resnext50_strong_baseline_checkpoint_matches_torch(tmp_path):
   path = save_torch(tmp_path / 'bot.pth', net.state_dict(), 'module.')
   model = models.create_model(ml_collections.ConfigDict(dict(
       name='se_resnext50', last_stride=1, neck='bnneck', neck_feat='after',
-      pooling='avg', gem_p=3.0)), num_classes=7)
+      pooling='avg', gem_p=3.0, stage_sizes=(), width=64)), num_classes=7)
   shapes = init_shapes(model, (1, 64, 32, 3))
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   params, stats = convert.load_pretrained(path, zeros['params'],

@@ -1,30 +1,21 @@
 """Orbax checkpoints of the TrainState: round trip, keep-last, explicit paths, mismatches,
-save policy, markers, killed and failed saves, corrupt checkpoints, best checkpoint."""
+save policy, markers, best checkpoint (faults: test_checkpoint_faults.py)."""
 
-import errno
-import glob
 import logging
 import os
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from orbax.checkpoint._src.checkpointers import async_checkpointer
 from flax.training import dynamic_scale as dynamic_scale_lib
 
+from configs import default
 from reid_jax import checkpoint as checkpoint_lib
 from reid_jax import train_step as step_lib
 
@@ -49,6 +40,22 @@ def _state(features=3, seed=0, with_scale=False):
       apply_fn=model.apply, params=variables['params'], tx=optax.adam(1e-2),
       batch_stats=variables['batch_stats'],
       dynamic_scale=dynamic_scale_lib.DynamicScale() if with_scale else None)
+
+
+@flax.struct.dataclass
+class _Small:
+  """A state-like struct of small numpy arrays (no model, nothing to compile)."""
+  params: dict
+  batch_stats: dict
+  opt_state: dict
+  step: Any
+
+
+def _small(step, fill):
+  return _Small(params={'w': np.full((3, 4), fill, np.float32)},
+                batch_stats={'m': np.full((4,), fill + 1, np.float32)},
+                opt_state={'mu': np.full((3, 4), fill + 2, np.float32)},
+                step=np.int32(step))
 
 
 def _advance(state, n):
@@ -179,9 +186,9 @@ def test_save_policy_agree_makes_processes_save_at_the_same_steps():
 
 
 def test_save_policy_from_config():
-  config = ml_collections.ConfigDict({'num_epochs': 3, 'checkpoint_every_epochs': 2,
-                                      'checkpoint_every_minutes': 30.0,
-                                      'log_every_steps': 5})
+  config = default.get_config()
+  config.num_epochs, config.checkpoint_every_epochs = 3, 2
+  config.checkpoint_every_minutes, config.log_every_steps = 30.0, 5
   policy = checkpoint_lib.SavePolicy.from_config(config, steps_per_epoch=10)
   assert (policy.total_steps, policy.every_epochs, policy.every_steps, policy.every_minutes,
           policy.time_check_every_steps) == (30, 2, 0, 30.0, 5)
@@ -260,216 +267,6 @@ def test_folders_of_random_files_are_not_reid_checkpoints(tmp_path):
   for path in (tmp_path / 'notes', tmp_path / '12'):
     with pytest.raises(checkpoint_lib.NotAReidCheckpointError, match='not a reid_jax checkpoint'):
       checkpoint_lib.restore_from_path(str(path), _state())
-
-
-# --- Faults: killed saves, corrupt checkpoints, failed saves ------------------------
-
-
-@flax.struct.dataclass
-class _Small:
-  params: dict
-  batch_stats: dict
-  opt_state: dict
-  step: Any
-
-
-def _small(step, fill):
-  return _Small(params={'w': np.full((3, 4), fill, np.float32)},
-                batch_stats={'m': np.full((4,), fill + 1, np.float32)},
-                opt_state={'mu': np.full((3, 4), fill + 2, np.float32)},
-                step=np.int32(step))
-
-
-_KILLED_SAVE = r'''
-import os, signal, sys
-import numpy as np
-import flax
-from typing import Any
-from orbax.checkpoint._src.checkpointers import async_checkpointer
-from reid_jax import checkpoint as checkpoint_lib
-
-@flax.struct.dataclass
-class S:
-  params: dict
-  batch_stats: dict
-  opt_state: dict
-  step: Any
-
-def small(step, fill):
-  return S(params={'w': np.full((3, 4), fill, np.float32)},
-           batch_stats={'m': np.full((4,), fill + 1, np.float32)},
-           opt_state={'mu': np.full((3, 4), fill + 2, np.float32)}, step=np.int32(step))
-
-def killed(directory, commit_futures, on_commit_callback, **kwargs):
-  for f in commit_futures:  # the data is written to the temporary folder...
-    f.result()
-  os.kill(os.getpid(), signal.SIGKILL)  # ... and the process dies before the rename
-
-manager = checkpoint_lib.create_manager(sys.argv[1])
-checkpoint_lib.save(manager, small(1, 1.0), wait=True)
-async_checkpointer._background_wait_for_commit_futures = killed
-checkpoint_lib.save(manager, small(2, 2.0), wait=True)
-'''
-
-
-def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path, caplog):
-  proc = subprocess.run([sys.executable, '-c', _KILLED_SAVE, str(tmp_path)],
-                        capture_output=True, text=True, timeout=120,
-                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  names = sorted(os.listdir(tmp_path / 'checkpoints'))
-  assert names[0] == '1' and names[1].startswith('2.orbax-checkpoint-tmp'), names
-  assert len(names) == 2 and os.listdir(tmp_path / 'checkpoints' / names[1])
-  caplog.set_level(logging.INFO)
-  manager = checkpoint_lib.create_manager(str(tmp_path))
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']  # leftover removed
-  assert any('Removing unfinished checkpoint writes' in m for m in caplog.messages)
-  restored = checkpoint_lib.restore(manager, _small(0, 0.0))
-  _assert_state_equal(restored, _small(1, 1.0))
-
-
-def _data_files(step_dir):
-  return glob.glob(os.path.join(step_dir, 'default', 'd', '*'))
-
-
-def _delete_data(step_dir):
-  for f in _data_files(step_dir):
-    os.remove(f)
-
-
-def _truncate_data(step_dir):
-  for f in _data_files(step_dir):
-    os.truncate(f, os.path.getsize(f) // 2)
-
-
-def _truncate_tree_metadata(step_dir):
-  path = os.path.join(step_dir, 'default', '_METADATA')
-  os.truncate(path, os.path.getsize(path) // 2)
-
-
-def _unfinished_folder(step_dir):  # a non-atomic filesystem, or a manual copy
-  shutil.rmtree(step_dir)
-  os.makedirs(os.path.join(step_dir, 'default'))
-  with open(os.path.join(step_dir, 'default', 'partial'), 'wb') as f:
-    f.write(b'\0' * 100)
-
-
-@pytest.mark.parametrize('corrupt', [_delete_data, _truncate_data, _truncate_tree_metadata,
-                                     _unfinished_folder])
-def test_a_corrupt_latest_checkpoint_falls_back_and_is_moved_aside(tmp_path, caplog, corrupt):
-  manager = checkpoint_lib.create_manager(str(tmp_path))
-  for step in (1, 2, 3):
-    checkpoint_lib.save(manager, _small(step, float(step)))
-  manager.wait_until_finished()
-  directory = os.path.join(str(tmp_path), 'checkpoints')
-  corrupt(os.path.join(directory, '3'))
-  caplog.set_level(logging.INFO)
-  manager = checkpoint_lib.create_manager(str(tmp_path))
-  restored = checkpoint_lib.restore(manager, _small(0, 0.0))
-  _assert_state_equal(restored, _small(2, 2.0))
-  moved = [n for n in os.listdir(directory) if n.startswith('3.corrupt-')]
-  assert len(moved) == 1 and not os.path.exists(os.path.join(directory, '3'))
-  warning = [r.getMessage() for r in caplog.records
-             if r.levelno == logging.WARNING and r.name != 'absl']  # ours, not orbax's
-  assert len(warning) == 1, warning
-  assert f'{directory}/3 is unreadable' in warning[0]
-  assert f'moved it to {directory}/{moved[0]}' in warning[0]
-  assert f'falling back to step 2 ({directory}/2)' in warning[0]
-  assert manager.all_steps() == [1, 2]
-  # Training passes step 3 again: it is saved again, and is the one restored next.
-  checkpoint_lib.save(manager, _small(3, 30.0), wait=True)
-  restored = checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path)), _small(0, 0.0))
-  _assert_state_equal(restored, _small(3, 30.0))
-
-
-def test_no_readable_checkpoint_starts_from_zero_and_keeps_the_files(tmp_path, caplog):
-  manager = checkpoint_lib.create_manager(str(tmp_path))
-  checkpoint_lib.save(manager, _small(1, 1.0), wait=True)
-  _delete_data(str(tmp_path / 'checkpoints' / '1'))
-  caplog.set_level(logging.INFO)
-  fresh = _small(0, 0.0)
-  assert checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path)), fresh) is fresh
-  assert any('No readable checkpoint in' in m and 'starting from step 0' in m
-             for m in caplog.messages)
-  assert [n for n in os.listdir(tmp_path / 'checkpoints') if n.startswith('1.corrupt-')]
-
-
-def test_explicit_corrupt_step_is_an_error_and_is_left_in_place(tmp_path):
-  manager = checkpoint_lib.create_manager(str(tmp_path))
-  checkpoint_lib.save(manager, _small(1, 1.0), wait=True)
-  step_dir = str(tmp_path / 'checkpoints' / '1')
-  _truncate_data(step_dir)
-  with pytest.raises(checkpoint_lib.CheckpointCorruptError,
-                     match=f'Checkpoint {step_dir} is unreadable: ValueError'):
-    checkpoint_lib.restore_from_path(step_dir, _small(0, 0.0))
-  assert os.listdir(tmp_path / 'checkpoints') == ['1']
-
-
-def _disk_full(directory, commit_futures, on_commit_callback, **kwargs):
-  del on_commit_callback, kwargs
-  for f in commit_futures:
-    f.result()
-  raise OSError(errno.ENOSPC, 'No space left on device', str(directory))
-
-
-def test_a_failed_background_save_is_reported_by_check_errors(tmp_path, monkeypatch):
-  manager = checkpoint_lib.create_manager(str(tmp_path), max_to_keep=1)
-  checkpoint_lib.save(manager, _small(1, 1.0), wait=True)
-  checkpoint_lib.check_errors(manager)  # nothing pending: no error
-  monkeypatch.setattr(async_checkpointer, '_background_wait_for_commit_futures', _disk_full)
-  checkpoint_lib.save(manager, _small(2, 2.0))  # returns at once: the write fails later
-  directory = os.path.join(str(tmp_path), 'checkpoints')
-  deadline = time.monotonic() + 60
-  with pytest.raises(checkpoint_lib.CheckpointSaveError) as info:
-    while time.monotonic() < deadline:
-      checkpoint_lib.check_errors(manager)
-      time.sleep(0.01)
-  message = str(info.value)
-  assert f'Saving checkpoint step 2 in {directory} failed: OSError' in message
-  assert 'No space left on device' in message
-  free, unit = re.search(rf'Filesystem of {directory}: ([\d.]+) (GiB|MiB) free',
-                         message).groups()
-  free_bytes = float(free) * (2**30 if unit == 'GiB' else 2**20)
-  assert abs(free_bytes - shutil.disk_usage(directory).free) < 2**26
-  assert f'step 1 ({directory}/1), is intact' in message
-  # max_to_keep=1 must not have deleted step 1 for the failed step 2.
-  assert manager.all_steps() == [1]
-  monkeypatch.undo()
-  restored = checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path)), _small(0, 0.0))
-  _assert_state_equal(restored, _small(1, 1.0))
-  # Space freed: the next save works and replaces step 1.
-  checkpoint_lib.save(manager, _small(2, 2.0), wait=True)
-  assert sorted(n for n in os.listdir(directory) if n.isdigit()) == ['2']
-
-
-def test_a_failed_save_is_reported_by_a_waiting_save(tmp_path, monkeypatch):
-  manager = checkpoint_lib.create_manager(str(tmp_path))
-  checkpoint_lib.save(manager, _small(1, 1.0), wait=True)
-  monkeypatch.setattr(async_checkpointer, '_background_wait_for_commit_futures', _disk_full)
-  with pytest.raises(checkpoint_lib.CheckpointSaveError, match='No space left on device'):
-    checkpoint_lib.save(manager, _small(2, 2.0), wait=True)
-
-
-def test_a_full_disk_stops_the_save_before_writing_anything(tmp_path, monkeypatch):
-  manager = checkpoint_lib.create_manager(str(tmp_path))
-  checkpoint_lib.save(manager, _small(1, 1.0), wait=True)
-  directory = os.path.join(str(tmp_path), 'checkpoints')
-  need = 3 * 4 * 4 + 4 * 4 + 3 * 4 * 4 + 4  # the arrays of _small, in bytes
-  real = shutil.disk_usage
-  monkeypatch.setattr(checkpoint_lib.shutil, 'disk_usage',
-                      lambda path: real(path)._replace(free=need - 1, total=2**30))
-  with pytest.raises(checkpoint_lib.CheckpointSaveError) as info:
-    checkpoint_lib.save(manager, _small(2, 2.0))  # raises at once, not in the background
-  message = str(info.value)
-  assert (f'Saving checkpoint step 2 in {directory} failed: OSError: [Errno 28] Not '
-          'enough free space for checkpoint step 2: its arrays need 0.0 MiB') in message
-  assert f'Filesystem of {directory}: 0.0 MiB free of 1.00 GiB.' in message
-  assert f'step 1 ({directory}/1), is intact' in message
-  assert sorted(os.listdir(directory)) == ['1']  # nothing of step 2 was written
-  monkeypatch.setattr(checkpoint_lib.shutil, 'disk_usage',
-                      lambda path: real(path)._replace(free=need))
-  checkpoint_lib.save(manager, _small(2, 2.0), wait=True)  # exactly enough: saved
-  assert manager.all_steps() == [1, 2]
 
 
 # --- Best checkpoint ------------------------------------------------------------------

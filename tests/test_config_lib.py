@@ -67,6 +67,8 @@ def test_locked_config_rejects_misspelt_field():
     ('checkpoint_every_steps', -1, 1, 'config.checkpoint_every_steps=-1 must be 0 (off)'),
     ('profile_steps', -2, 1, 'config.profile_steps=-2 must be 0 (off)'),
     ('model.pretrain_choice', 'imagnet', 1, "config.model.pretrain_choice='imagnet'"),
+    ('model.last_stride', 3, 1, 'config.model.last_stride must be one of 1, 2; got '
+     'config.model.last_stride=3.'),
 ])
 def test_validate_names_the_bad_field(field, value, devices, match):
   config = default.get_config()

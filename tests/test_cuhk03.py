@@ -15,16 +15,16 @@ import pytest
 import tensorflow as tf
 
 from eval import metrics
+from eval_reference import distance_matrix, l2_normalize, reference_cuhk03_cmc
 from eval_reference import reference_market
-from input_pipeline import base
 from input_pipeline import catalog
 from input_pipeline import cuhk03_classic
-from input_pipeline import pipeline
-from reid_jax import evaluate
+from input_pipeline import dataset_stats
+from input_pipeline import decode
+from input_pipeline import reader_utils
+from reid_jax import evaluation
 from reid_jax import train
-# The references of the library's own tests, reused (not copied).
-from test_evaluate import _normalize, _numpy_distance
-from test_metrics import reference_cuhk03_cmc
+from test_evaluate import centred_model
 from test_train import H, W, tiny_config
 
 # Persons per camera pair (the release: 843, 440, 77, 58, 49).
@@ -214,7 +214,7 @@ def test_classic_splits_match_the_reference(release, tmp_path, variant):
       np.testing.assert_array_equal(np.asarray(image), pixels)
   # ... and decodes in the input pipeline as in PIL.
   path, pixels = next(iter(saved.items()))
-  np.testing.assert_array_equal(pipeline.decode_image(tf.io.read_file(path)).numpy(),
+  np.testing.assert_array_equal(decode.decode_image(tf.io.read_file(path)).numpy(),
                                 pixels)
   # Later reads use the JSON index and the images only.
   assert osp.isfile(osp.join(folder, f'cuhk03_classic_{variant}.json'))
@@ -235,43 +235,43 @@ def test_published_statistics_are_checked_on_load(release, tmp_path, caplog):
   assert ("split 'query' differs from the published statistics: 5 ids (published 100)."
           in text)
   full = cuhk03_classic.published_stats('labeled', 970)
-  assert full['train'] == base.SplitStats(1367, 14096 - 970, 2)
-  assert full['query'] == full['gallery'] == base.SplitStats(100, 970, 2)
+  assert full['train'] == dataset_stats.SplitStats(1367, 14096 - 970, 2)
+  assert full['query'] == full['gallery'] == dataset_stats.SplitStats(100, 970, 2)
 
 
 def test_errors_show_the_expected_layout(release, tmp_path):
-  with pytest.raises(base.DatasetError) as e:
+  with pytest.raises(reader_utils.DatasetError) as e:
     catalog.load_dataset('cuhk03_classic_labeled', str(tmp_path))
   assert 'cuhk03_release/cuhk-03.mat' in str(e.value) and 'testsets' in str(e.value)
   root = _copy(release, tmp_path / 'ok')
-  with pytest.raises(base.DatasetError, match=r'split must be in 0\.\.2 .* got 5'):
+  with pytest.raises(reader_utils.DatasetError, match=r'split must be in 0\.\.2 .* got 5'):
     cuhk03_classic.read_cuhk03_classic(root, split=5)
-  with pytest.raises(base.DatasetError, match='variant must be one of'):
+  with pytest.raises(reader_utils.DatasetError, match='variant must be one of'):
     cuhk03_classic.read_cuhk03_classic(root, variant='both')
-  with pytest.raises(base.DatasetError, match='Unknown dataset'):
+  with pytest.raises(reader_utils.DatasetError, match='Unknown dataset'):
     catalog.get_reader('cuhk03_classic_labeled_split20')
   # A file that is not the release: the missing entry and the layout are named.
   bad = tmp_path / 'bad' / 'cuhk03' / 'cuhk03_release' / 'cuhk-03.mat'
   os.makedirs(bad.parent)
   with h5py.File(bad, 'w') as mat:
     mat['labeled'] = np.zeros((1, 5))
-  with pytest.raises(base.DatasetError, match="no 'testsets' entry") as e:
+  with pytest.raises(reader_utils.DatasetError, match="no 'testsets' entry") as e:
     cuhk03_classic.read_cuhk03_classic(str(tmp_path / 'bad'))
   assert 'Expected layout' in str(e.value)
   bad.write_bytes(b'not hdf5')
-  with pytest.raises(base.DatasetError, match='not an HDF5 file'):
+  with pytest.raises(reader_utils.DatasetError, match='not an HDF5 file'):
     cuhk03_classic.read_cuhk03_classic(str(tmp_path / 'bad'))
   # A damaged index is named, with how to rebuild it.
   index = tmp_path / 'ok' / 'cuhk03' / 'cuhk03_classic_labeled.json'
   cuhk03_classic.read_cuhk03_classic(root)
   index.write_text('{"format": "other"}')
-  with pytest.raises(base.DatasetError, match='delete it to extract'):
+  with pytest.raises(reader_utils.DatasetError, match='delete it to extract'):
     cuhk03_classic.read_cuhk03_classic(root)
   # Extracted images that went missing are named.
   index.unlink()
   cuhk03_classic.read_cuhk03_classic(root)
   os.remove(min((tmp_path / 'ok' / 'cuhk03' / 'images_labeled').iterdir()))
-  with pytest.raises(base.DatasetError, match='do not exist'):
+  with pytest.raises(reader_utils.DatasetError, match='do not exist'):
     cuhk03_classic.read_cuhk03_classic(root)
 
 
@@ -281,12 +281,12 @@ def test_auto_protocol_is_cuhk03_for_the_classic_names_only():
   assert len(classic) == 2 * cuhk03_classic.NUM_SPLITS
   assert {'cuhk03_classic_labeled', 'cuhk03_classic_detected_split19'} <= classic
   for name in classic:
-    assert evaluate.resolve_protocol('auto', name) == 'cuhk03'
-    assert evaluate.resolve_protocol('market', name) == 'market'
+    assert evaluation.resolve_protocol('auto', name) == 'cuhk03'
+    assert evaluation.resolve_protocol('market', name) == 'market'
   for name in ('cuhk03_labeled', 'cuhk03_detected', 'market1501', 'cuhk03',
                'cuhk03_classic'):  # CUHK03-NP and names outside the set: Market
-    assert evaluate.resolve_protocol('auto', name) == 'market'
-  assert evaluate.resolve_protocol('cuhk03', 'market1501') == 'cuhk03'
+    assert evaluation.resolve_protocol('auto', name) == 'market'
+  assert evaluation.resolve_protocol('cuhk03', 'market1501') == 'cuhk03'
 
 
 def test_evaluation_on_a_classic_split_uses_the_cuhk03_protocol(release, tmp_path):
@@ -299,25 +299,17 @@ def test_evaluation_on_a_classic_split_uses_the_cuhk03_protocol(release, tmp_pat
   assert test_set.name == 'cuhk03_classic_labeled_split1'
   assert exp.train_source.dataset.num_train_pids == sum(PAIR_PERSONS) - 5
   # Centre the untrained BNNeck's features on the test images (as training would).
-  records = list(test_set.query) + list(test_set.gallery)
-  on_devices = train._on_devices  # pylint: disable=protected-access
-  raw = evaluate.extract_features(exp.p_eval_step, on_devices(exp.state), records, config)
-  stats = dict(exp.state.batch_stats)
-  stats['bottleneck'] = {'mean': raw.mean(0), 'var': raw.var(0)}
-  state = on_devices(exp.state.replace(batch_stats=stats))
-  feats = evaluate.extract_features(exp.p_eval_step, state, records, config)
-  num_q = len(test_set.query)
-  q, g = feats[:num_q].astype(np.float64), feats[num_q:].astype(np.float64)
+  state, q, g = centred_model(exp, config)
   (qp, qc), (gp, gc) = [(np.array([r.pid for r in part]), np.array([r.camid for r in part]))
                         for part in (test_set.query, test_set.gallery)]
-  distmat = _numpy_distance(_normalize(q), _normalize(g), 'euclidean')
+  distmat = distance_matrix(l2_normalize(q), l2_normalize(g), 'euclidean')
   queries, sel = metrics.cuhk03_samples(qp, gp, qc, gc, num_repeats=10, seed=0)
   cuhk03_cmc = reference_cuhk03_cmc(distmat, qp, gp, qc, gc, 5, queries, sel)
   market_cmc, m_ap = reference_market(distmat, qp, gp, qc, gc, 5)[0:2]
   assert not np.allclose(cuhk03_cmc[:3], market_cmc[:3])  # the data tells them apart
 
-  out = evaluate.run_evaluation(exp.p_eval_step, state, exp.test_sources, config,
-                                str(tmp_path / 'workdir'))
+  out = evaluation.evaluate_state(exp.p_eval_step, state, exp.test_sources, config,
+                                  str(tmp_path / 'workdir'))
   assert out['protocol'] == 'cuhk03'  # config.test.protocol='auto'
   assert [out[f'rank{r}'] for r in (1, 2, 3)] == pytest.approx(cuhk03_cmc[:3], abs=1e-6)
   assert out['mAP'] == pytest.approx(m_ap, abs=1e-6)  # AP: the whole kept gallery

@@ -81,7 +81,7 @@ def test_distance_matrix(name):
   expected = (distance.euclidean_distance(q, g) if name == 'euclidean' else
               distance.cosine_distance(q, g))
   np.testing.assert_array_equal(distance.distance_matrix(q, g, name), expected)
-  with pytest.raises(ValueError, match="Unknown distance 'l1'"):
+  with pytest.raises(ValueError, match="got distance='l1'"):
     distance.distance_matrix(q, g, 'l1')
 
 

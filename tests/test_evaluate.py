@@ -1,10 +1,11 @@
-"""reid_jax.evaluate wired to the config: the feature path, distances, AQE, TPR@FPR,
+"""reid_jax.evaluation wired to the config: the feature path, distances, AQE, TPR@FPR,
 the CUHK03 protocol, several test sets and the memory refusals, on a tiny model's
-features against numpy references written from the definitions."""
+features against the numpy references of tests/eval_reference.py."""
 
 import dataclasses
 import json
 import os
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -13,16 +14,16 @@ from configs import market_to_partial_ilids
 from eval import distance as distance_lib
 from eval import metrics
 from eval import rerank
-from eval_reference import fastreid_tpr_at_fpr, reference_market
-from input_pipeline import base
+from eval_reference import distance_matrix, fastreid_aqe, fastreid_tpr_at_fpr, l2_normalize
+from eval_reference import reference_cuhk03_cmc, reference_market
 from input_pipeline import data_source
+from input_pipeline import reader_utils
 from input_pipeline import synthetic
 from reid_jax import checkpoint as checkpoint_lib
-from reid_jax import evaluate
+from reid_jax import evaluation
+from reid_jax import features
+from reid_jax import scoring
 from reid_jax import train
-# The references of the library's own tests, reused (not copied).
-from test_metrics import reference_cuhk03_cmc
-from test_query_expansion import fastreid_aqe
 from test_train import _RecordingWriter, H, W, tiny_config
 
 
@@ -39,28 +40,45 @@ def data_dir(tmp_path_factory):
   return _generate(tmp_path_factory.mktemp('synthetic_a'), seed=5)
 
 
-@pytest.fixture(scope='module')
-def setup(data_dir):
-  """A randomly initialised tiny model, its state on the devices, and its features.
+class TinyModel(NamedTuple):
+  """A randomly initialised tiny model and its test features (see `tiny_model`)."""
+  exp: train.Experiment
+  state: Any  # on the devices, the BNNeck's statistics set from the test features
+  q_feats: np.ndarray  # float64
+  g_feats: np.ndarray  # float64
+  data_dir: str
+
+
+def centred_model(exp, config):
+  """An untrained experiment's state with its BNNeck centred on the first test set.
 
   At initialisation the BNNeck's statistics are (0, 1), so the features are pooled
   ReLU outputs in a narrow cone (cosine similarities 0.88-1, where float32 rounding
   reorders near-ties); the neck's statistics are set from the test features, as
   training would, so that the features are centred.
+
+  Returns:
+    (state on the devices, query features, gallery features), features float64.
   """
-  config = tiny_config(data_dir)
-  exp = train.build_experiment(config)
   test_set = exp.test_sources[0].dataset
   records = list(test_set.query) + list(test_set.gallery)
   on_devices = train._on_devices  # pylint: disable=protected-access
-  raw = evaluate.extract_features(exp.p_eval_step, on_devices(exp.state), records, config)
+  raw = features.extract_features(exp.p_eval_step, on_devices(exp.state), records, config)
   stats = dict(exp.state.batch_stats)
   stats['bottleneck'] = {'mean': raw.mean(0), 'var': raw.var(0)}
   state = on_devices(exp.state.replace(batch_stats=stats))
-  feats = evaluate.extract_features(exp.p_eval_step, state, records, config)
+  feats = features.extract_features(exp.p_eval_step, state, records, config)
   num_q = len(test_set.query)
-  return (exp, state, feats[:num_q].astype(np.float64), feats[num_q:].astype(np.float64),
-          data_dir)
+  return state, feats[:num_q].astype(np.float64), feats[num_q:].astype(np.float64)
+
+
+@pytest.fixture(scope='module')
+def tiny_model(data_dir) -> TinyModel:
+  """A randomly initialised tiny model, its state on the devices, and its features
+  (the BNNeck centred on them: `centred_model`)."""
+  config = tiny_config(data_dir)
+  exp = train.build_experiment(config)
+  return TinyModel(exp, *centred_model(exp, config), data_dir)
 
 
 def _labels(records):
@@ -73,31 +91,21 @@ def _numpy_labels(exp):
   return qp, gp, qc, gc
 
 
-def _normalize(x):
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def _numpy_distance(q, g, distance):
-  if distance == 'euclidean':  # squared, as the baseline's
-    return (q**2).sum(1)[:, None] + (g**2).sum(1)[None] - 2 * q @ g.T
-  return 1 - _normalize(q) @ _normalize(g).T
-
-
-def _evaluate(setup, tmp_path, **overrides):
-  exp, state, _, _, data_dir = setup
+def _evaluate(tiny_model, tmp_path, **overrides):
+  exp, state, _, _, data_dir = tiny_model
   config = tiny_config(data_dir, **overrides)
-  return evaluate.run_evaluation(exp.p_eval_step, state, exp.test_sources, config,
-                                 str(tmp_path))
+  return evaluation.evaluate_state(exp.p_eval_step, state, exp.test_sources, config,
+                                   str(tmp_path))
 
 
-def test_feature_path_equals_numpy_reference_for_both_distances(setup, tmp_path):
-  _, _, q, g, _ = setup
-  labels = _numpy_labels(setup[0])
+def test_feature_path_equals_numpy_reference_for_both_distances(tiny_model, tmp_path):
+  _, _, q, g, _ = tiny_model
+  labels = _numpy_labels(tiny_model.exp)
   refs = {}
   for distance in ('euclidean', 'cosine'):
-    out = _evaluate(setup, tmp_path / distance, **{
+    out = _evaluate(tiny_model, tmp_path / distance, **{
         'test.distance': distance, 'test.feat_norm': False, 'test.cmc_ranks': (1, 3)})
-    cmc, m_ap, m_inp, _ = reference_market(_numpy_distance(q, g, distance), *labels, 5)
+    cmc, m_ap, m_inp, _ = reference_market(distance_matrix(q, g, distance), *labels, 5)
     refs[distance] = m_ap
     assert {k for k in out if k.startswith('rank')} == {'rank1', 'rank3'}
     assert out['rank1'] == pytest.approx(cmc[0], abs=1e-6)
@@ -116,31 +124,31 @@ def test_feature_path_equals_numpy_reference_for_both_distances(setup, tmp_path)
   assert abs(refs['euclidean'] - refs['cosine']) > 1e-3
 
 
-def test_aqe_and_tpr_at_fpr_from_the_config(setup, tmp_path):
-  _, _, q, g, _ = setup
-  labels = _numpy_labels(setup[0])
-  out = _evaluate(setup, tmp_path, **{
+def test_aqe_and_tpr_at_fpr_from_the_config(tiny_model, tmp_path):
+  _, _, q, g, _ = tiny_model
+  labels = _numpy_labels(tiny_model.exp)
+  out = _evaluate(tiny_model, tmp_path, **{
       'test.distance': 'cosine', 'test.aqe': True, 'test.aqe_k': 3, 'test.aqe_times': 2,
       'test.aqe_alpha': 2.0, 'test.tpr_at_fpr': True})
-  qn, gn = _normalize(q).astype(np.float32), _normalize(g).astype(np.float32)
+  qn, gn = l2_normalize(q).astype(np.float32), l2_normalize(g).astype(np.float32)
   qe, ge = fastreid_aqe(qn, gn, qe_times=2, qe_k=3, alpha=2.0)
-  distmat = _numpy_distance(qe.astype(np.float64), ge.astype(np.float64), 'cosine')
+  distmat = distance_matrix(qe.astype(np.float64), ge.astype(np.float64), 'cosine')
   cmc, m_ap, m_inp, _ = reference_market(distmat, *labels, 5)
   assert out['mAP'] == pytest.approx(m_ap, abs=1e-6)
   assert out['mINP'] == pytest.approx(m_inp, abs=1e-6)
   assert out['rank1'] == pytest.approx(cmc[0], abs=1e-6)
-  plain = reference_market(_numpy_distance(qn, gn, 'cosine'), *labels, 5)[1]
+  plain = reference_market(distance_matrix(qn, gn, 'cosine'), *labels, 5)[1]
   assert abs(plain - m_ap) > 1e-4  # the expansion changed the ranking
   tprs = fastreid_tpr_at_fpr(distmat, *labels, (1e-4, 1e-3, 1e-2))
   for fpr, tpr in tprs.items():
     assert out[f'TPR@FPR={fpr:.0e}'] == pytest.approx(tpr, abs=1e-12)
-  assert 'TPR@FPR=1e-02' in evaluate.format_results(out)
+  assert 'TPR@FPR=1e-02' in evaluation.format_results(out)
 
 
-def test_cuhk03_protocol_is_chosen_from_the_config(setup, tmp_path):
-  exp, state, q, g, data_dir = setup
+def test_cuhk03_protocol_is_chosen_from_the_config(tiny_model, tmp_path):
+  exp, state, q, g, data_dir = tiny_model
   qp, gp, qc, gc = _numpy_labels(exp)
-  distmat = _numpy_distance(_normalize(q), _normalize(g), 'euclidean')
+  distmat = distance_matrix(l2_normalize(q), l2_normalize(g), 'euclidean')
   queries, sel = metrics.cuhk03_samples(qp, gp, qc, gc, num_repeats=10, seed=0)
   cuhk03_cmc = reference_cuhk03_cmc(distmat, qp, gp, qc, gc, 5, queries, sel)
   market_cmc, m_ap = reference_market(distmat, qp, gp, qc, gc, 5)[0:2]
@@ -151,22 +159,22 @@ def test_cuhk03_protocol_is_chosen_from_the_config(setup, tmp_path):
     assert [out[f'rank{r}'] for r in (1, 2, 3)] == pytest.approx(cmc[:3], abs=1e-6)
     assert out['mAP'] == pytest.approx(m_ap, abs=1e-6)  # AP: the whole kept gallery
 
-  explicit = _evaluate(setup, tmp_path / 'explicit', **{'test.protocol': 'cuhk03'}, **ranks)
+  explicit = _evaluate(tiny_model, tmp_path / 'explicit', **{'test.protocol': 'cuhk03'}, **ranks)
   assert explicit['protocol'] == 'cuhk03'
   check(explicit, cuhk03_cmc)
-  check(_evaluate(setup, tmp_path / 'auto', **ranks), market_cmc)  # Market-1501: market
+  check(_evaluate(tiny_model, tmp_path / 'auto', **ranks), market_cmc)  # Market-1501: market
   # 'auto' on classic-split CUHK03 data (a classic split's name, not CUHK03-NP's).
   source = exp.test_sources[0]
   classic = dataclasses.replace(source, dataset=dataclasses.replace(
       source.dataset, name='cuhk03_classic_labeled'))
   config = tiny_config(data_dir, **ranks)
-  out = evaluate.run_evaluation(exp.p_eval_step, state, [classic], config,
-                                str(tmp_path / 'classic'))
+  out = evaluation.evaluate_state(exp.p_eval_step, state, [classic], config,
+                                  str(tmp_path / 'classic'))
   assert out['protocol'] == 'cuhk03'
   check(out, cuhk03_cmc)
-  assert evaluate.resolve_protocol('auto', 'cuhk03_labeled') == 'market'  # CUHK03-NP
-  assert evaluate.resolve_protocol('auto', 'cuhk03_detected') == 'market'
-  assert evaluate.resolve_protocol('market', 'cuhk03') == 'market'
+  assert evaluation.resolve_protocol('auto', 'cuhk03_labeled') == 'market'  # CUHK03-NP
+  assert evaluation.resolve_protocol('auto', 'cuhk03_detected') == 'market'
+  assert evaluation.resolve_protocol('market', 'cuhk03') == 'market'
 
 
 def test_two_test_sets_in_one_training_run(data_dir, tmp_path_factory, monkeypatch):
@@ -186,13 +194,13 @@ def test_two_test_sets_in_one_training_run(data_dir, tmp_path_factory, monkeypat
       checkpoint_lib.restore(checkpoint_lib.create_manager(str(workdir)), exp.state))
   for name, source in zip(('a', 'b'), exp.test_sources):
     test_set = source.dataset
-    feats = evaluate.extract_features(exp.p_eval_step, state,
+    feats = features.extract_features(exp.p_eval_step, state,
                                       list(test_set.query) + list(test_set.gallery), config)
-    feats = _normalize(feats.astype(np.float64))
+    feats = l2_normalize(feats.astype(np.float64))
     (qp, qc), (gp, gc) = _labels(test_set.query), _labels(test_set.gallery)
     num_q = len(qp)
     _, m_ap, m_inp, _ = reference_market(
-        _numpy_distance(feats[:num_q], feats[num_q:], 'euclidean'), qp, gp, qc, gc, 5)
+        distance_matrix(feats[:num_q], feats[num_q:], 'euclidean'), qp, gp, qc, gc, 5)
     assert saved['test_sets'][name]['mAP'] == pytest.approx(m_ap, abs=1e-6)
     assert saved['test_sets'][name]['mINP'] == pytest.approx(m_inp, abs=1e-6)
     assert writer.scalars[1][f'eval/{name}/mAP'] == pytest.approx(m_ap, abs=1e-6)
@@ -203,7 +211,7 @@ def test_two_test_sets_in_one_training_run(data_dir, tmp_path_factory, monkeypat
   assert not (workdir / 'worst_queries.png').exists()
   best = checkpoint_lib.create_best_manager(str(workdir))
   assert best.metrics(best.best_step())['mAP'] == pytest.approx(saved['mAP'])
-  table = evaluate.format_results(results)
+  table = evaluation.format_results(results)
   assert 'Results on a:' in table and 'Results on b:' in table
 
 
@@ -225,13 +233,13 @@ def test_test_datasets_parsing_and_the_legacy_fields(tmp_path):
                          (('../x=market1501',), 'must be letters'),
                          (('market',), 'Unknown dataset'),
                          ('market1501', 'tuple of strings')]:
-    with pytest.raises(base.DatasetError, match=match):
+    with pytest.raises(reader_utils.DatasetError, match=match):
       data_source.parse_test_datasets(tiny_config('/data/train', test_datasets=entries)
                                       if isinstance(entries, tuple) else
                                       _with_string(entries))
   both = tiny_config('/data/train', test_datasets=('market1501',),
                      test_dataset='partial_ilids')
-  with pytest.raises(base.DatasetError, match='both set'):
+  with pytest.raises(reader_utils.DatasetError, match='both set'):
     data_source.parse_test_datasets(both)
 
 
@@ -255,8 +263,8 @@ def test_dense_evaluations_above_the_limit_are_refused_with_the_memory_needed(da
   config = tiny_config(data_dir, **{'test.max_dense_gb': 2.0})
   with pytest.raises(distance_lib.MemoryLimitError,
                      match=rf'{4 * 11_659 * 82_161 / 2**30:.2f} GiB.*max_dense_gb'):
-    evaluate.check_dense_memory(*msmt, config.test, 'cuhk03', 'msmt17')
-  evaluate.check_dense_memory(*msmt, config.test, 'market')  # streamed: no refusal
+    scoring.check_dense_memory(*msmt, config.test, 'cuhk03', 'msmt17')
+  scoring.check_dense_memory(*msmt, config.test, 'market')  # streamed: no refusal
   # Re-ranking a million-image gallery is refused at the default 16 GiB; the message
   # gives its estimate, which holds at least the (Q, G) float32 output.
   config = tiny_config(data_dir, **{'test.rerank': True})
@@ -264,7 +272,7 @@ def test_dense_evaluations_above_the_limit_are_refused_with_the_memory_needed(da
   assert needed >= 4 * 11_659 * 1_000_000
   with pytest.raises(distance_lib.MemoryLimitError,
                      match=rf'Re-ranking.*{needed / 2**30:.2f} GiB'):
-    evaluate.check_dense_memory(11_659, 1_000_000, 2048, config.test, 'market')
+    scoring.check_dense_memory(11_659, 1_000_000, 2048, config.test, 'market')
   # At start-up, before any training, from the model's feature size.
   tiny = tiny_config(data_dir, **{'test.rerank': True, 'test.max_dense_gb': 1e-6})
   with pytest.raises(distance_lib.MemoryLimitError, match='Re-ranking of test set'):

@@ -25,7 +25,7 @@ from input_pipeline import image_check
 from input_pipeline import pipeline
 from input_pipeline.records import Record
 from reid_jax import checkpoint as checkpoint_lib
-from reid_jax import evaluate as evaluate_lib
+from reid_jax import features
 from reid_jax import train
 from test_train import data_dir  # pylint: disable=unused-import  (the synthetic dataset)
 from test_train import H, W, tiny_config
@@ -128,14 +128,14 @@ def test_evaluation_names_the_undecodable_file_of_the_failing_batch(tmp_path):
     return batch['image'].astype(jnp.float32).mean(axis=(2, 3))
 
   # All images decode: every batch arrives, in order (PIL + numpy as the reference).
-  feats = evaluate_lib.extract_features(mean_colour, None, records, config)
+  feats = features.extract_features(mean_colour, None, records, config)
   expected = np.stack([np.asarray(Image.open(r.path).convert('RGB'), np.float32)
                        .mean(axis=(0, 1)) for r in records])
   np.testing.assert_allclose(feats, expected, rtol=1e-6)
   # Image 10 (in batch 3 of 4 images) is truncated.
   _write(records[9].path, BAD_FILES['truncated'][0])
   with pytest.raises(image_check.UndecodableImageError) as info:
-    evaluate_lib.extract_features(mean_colour, None, records, config)
+    features.extract_features(mean_colour, None, records, config)
   message = str(info.value)
   assert message.startswith('Cannot decode 1 image of evaluation batch 3 (images 9-12 of '
                             f'12):\n  {records[9].path}: 600 bytes: ')

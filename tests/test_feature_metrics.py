@@ -148,7 +148,7 @@ def test_max_rank_clipped_with_warning():
 
 def test_errors():
   q, g, *labels = exact_problem(5, 'euclidean', num_q=6, num_g=20)
-  with pytest.raises(ValueError, match='Unknown distance'):
+  with pytest.raises(ValueError, match='distance must be one of'):
     metrics.evaluate_features(q, g, *labels, 'manhattan', 10)
   with pytest.raises(ValueError, match='Feature dimensions differ'):
     metrics.evaluate_features(q, g[:, :5], *labels, max_rank=10)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -22,7 +21,7 @@ from PIL import Image
 
 from configs import default as default_config
 from eval import report
-from input_pipeline import base
+from input_pipeline import reader_utils
 from reid_jax import checkpoint as checkpoint_lib
 from reid_jax import export as export_lib
 from reid_jax import extract as extract_lib
@@ -259,7 +258,7 @@ def test_extract_arrays_and_lists(model, run, tmp_path):
   np.testing.assert_allclose(feats, _reference(run, _pil_eval_images_from_arrays(small)),
                              rtol=1e-5, atol=1e-6)
   assert extract_lib.parse_identities(['0001_c1s1_0.jpg', 'x.jpg']) is None
-  assert inference.IMAGE_EXTENSIONS == base.IMAGE_EXTENSIONS  # kept in step by hand
+  assert inference.IMAGE_EXTENSIONS == reader_utils.IMAGE_EXTENSIONS  # kept in step by hand
   with pytest.raises(FileNotFoundError, match='do not exist'):
     inference.extract(model, [str(tmp_path / 'missing.jpg')])
   with pytest.raises(ValueError, match='image\\[None\\]'):

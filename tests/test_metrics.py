@@ -8,41 +8,13 @@ import pytest
 
 from eval import metrics
 import eval_reference
+from eval_reference import reference_cuhk03_cmc
 
 
 def reference_market(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
   """(cmc, mAP, mINP) of the shared numpy reference (tests/eval_reference.py)."""
   return eval_reference.reference_market(distmat, q_pids, g_pids, q_camids, g_camids,
                                          max_rank)[:3]
-
-
-def reference_cuhk03_cmc(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, queries,
-                         sel):
-  """torchreid's eval_cuhk03 CMC loop, with the random draws given by `sel`.
-
-  Args:
-    queries: indices of the valid queries, as returned by cuhk03_samples.
-    sel: (R, len(queries), K) drawn gallery indices (one per gallery identity).
-  """
-  num_repeats = sel.shape[0]
-  indices = np.argsort(distmat, axis=1, kind='stable')
-  matches = (g_pids[indices] == q_pids[:, np.newaxis]).astype(np.int32)
-  all_cmc = []
-  for b, q_idx in enumerate(queries):
-    order = indices[q_idx]
-    keep = ~((g_pids[order] == q_pids[q_idx]) & (g_camids[order] == q_camids[q_idx]))
-    raw_cmc = matches[q_idx][keep]
-    kept = order[keep]
-    assert raw_cmc.any()
-    cmc = 0.0
-    for r in range(num_repeats):
-      mask = np.isin(kept, sel[r, b])
-      assert mask.sum() == len(np.unique(g_pids[kept]))  # one entry per identity
-      c = raw_cmc[mask].cumsum()
-      c[c > 1] = 1
-      cmc += c[:max_rank].astype(np.float32)
-    all_cmc.append(cmc / num_repeats)
-  return np.asarray(all_cmc, np.float32).sum(0) / len(queries)
 
 
 def random_problem(seed, num_q=40, num_g=200, num_pids=12, num_cams=3, integer=True):
@@ -127,18 +99,18 @@ def test_max_rank_clipped_with_warning():
   assert (mean_ap, minp) == pytest.approx((ref_map, ref_minp), abs=1e-12)
 
 
-def test_per_query_metrics():
+def test_per_query_results_of_rank_distances():
   args = random_problem(8)
-  out = metrics.per_query_metrics(*args, block_size=5)
+  out = metrics.rank_distances(*args, block_size=5)
   distmat, q_pids, g_pids, q_camids, g_camids = args
-  for i, q in enumerate(out['query']):
+  for i, q in enumerate(out.query):
     one = (distmat[q:q + 1], q_pids[q:q + 1], g_pids, q_camids[q:q + 1], g_camids)
     cmc, ap, inp = reference_market(*one, max_rank=distmat.shape[1])
-    assert out['ap'][i] == pytest.approx(ap, abs=1e-12)
-    assert out['inp'][i] == pytest.approx(inp, abs=1e-12)
-    assert out['first_rank'][i] == np.argmax(cmc > 0)
+    assert out.ap[i] == pytest.approx(ap, abs=1e-12)
+    assert out.inp[i] == pytest.approx(inp, abs=1e-12)
+    assert out.first_rank[i] == np.argmax(cmc > 0)
   _, mean_ap, _ = metrics.evaluate(*args)
-  assert np.mean(out['ap']) == pytest.approx(mean_ap, abs=1e-12)
+  assert np.mean(out.ap) == pytest.approx(mean_ap, abs=1e-12)
 
 
 def test_cuhk03_matches_reference_with_same_draws():
@@ -245,7 +217,7 @@ def test_errors():
     metrics.evaluate(np.zeros(4), *_labels(1, 4))
   with pytest.raises(ValueError, match='q_pids must be 1-D'):
     metrics.evaluate(np.zeros((3, 4)), np.zeros((3, 1)), *_labels(3, 4)[1:])
-  with pytest.raises(ValueError, match='Unknown protocol'):
+  with pytest.raises(ValueError, match="protocol must be one of 'market', 'cuhk03'"):
     metrics.evaluate(np.zeros((3, 4)), *_labels(3, 4), protocol='duke')
   with pytest.raises(ValueError, match='max_rank must be >= 1'):
     metrics.evaluate(np.zeros((3, 4)), *_labels(3, 4), max_rank=0)

@@ -422,7 +422,7 @@ def test_conv_input_barrier_changes_no_value(backbone):
 def test_create_model_turns_the_barrier_on_on_cpu():
   config = ml_collections.ConfigDict(dict(
       name='resnet18', last_stride=1, neck='bnneck', neck_feat='after',
-      pooling='avg', gem_p=3.0))
+      pooling='avg', gem_p=3.0, stage_sizes=(), width=64))
   assert models.create_model(config, 5).conv_input_barrier == (
       jax.default_backend() == 'cpu')
   assert not models.create_model(config, 5, conv_input_barrier=False).conv_input_barrier

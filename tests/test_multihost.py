@@ -11,7 +11,6 @@ see conftest.py).
 import json
 import os
 import shutil
-import sys
 
 import flax
 import jax
@@ -20,49 +19,24 @@ import pytest
 
 import multihost_harness
 import multihost_worker
-from configs import demo
 from eval import feature_metrics
-from input_pipeline import synthetic
 from reid_jax import checkpoint as checkpoint_lib
-from reid_jax import evaluate as evaluate_lib
+from reid_jax import evaluation
 from reid_jax import multihost
 from reid_jax import multihost_eval
 from reid_jax import train
+from test_train import data_dir  # pylint: disable=unused-import  (the synthetic dataset)
+from test_train import TINY as train_tiny, tiny_config
 
-H, W = 64, 32
 # The tiny run of tests/test_train.py, 3 epochs of 2 steps, evaluated at the end only.
-TINY = {
-    'input.image_size': (H, W), 'model.stage_sizes': (1, 1, 1, 1), 'model.width': 8,
-    'batch_size': 8, 'num_instances': 2, 'num_epochs': 3, 'steps_per_epoch': 2,
-    'log_every_steps': 1, 'checkpoint_every_epochs': 1, 'eval_every_epochs': 3,
-    'test.batch_size': 12, 'test.report_queries': 3, 'test.report_top_k': 4,
-    'test.max_rank': 5,
-}
+TINY = dict(train_tiny, num_epochs=3, eval_every_epochs=3)
 TOTAL_STEPS = 6
 TIMEOUT = 420  # seconds for one two-process run on a loaded 2-core machine
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  root = tmp_path_factory.mktemp('synthetic')
-  synthetic.generate(str(root), seed=3, num_train_ids=8, num_test_ids=6,
-                     train_images_per_id=(4, 6), gallery_images_per_camera=(1, 2),
-                     cameras_per_id=(2, 3), num_distractors=4, num_junk=2, height=H,
-                     width=W, num_workers=0)
-  return str(root)
-
-
 def _config(data_dir):
-  config = demo.get_config()
-  config.data_dir = data_dir
-  for key, value in TINY.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return tiny_config(data_dir, **TINY)
 
 
 def _cli_flags(data_dir, workdir, **overrides):
@@ -171,9 +145,9 @@ def one_process_evaluation(data_dir, two_processes, one_process_four_devices,
   manager = checkpoint_lib.create_manager(two_processes[0], read_only=True)
   state = checkpoint_lib.restore(manager, template)
   assert int(state.step) == TOTAL_STEPS
-  return evaluate_lib.run_evaluation(exp.p_eval_step, train._on_devices(state),  # pylint: disable=protected-access
-                                     exp.test_sources, _config(data_dir),
-                                     str(tmp_path_factory.mktemp('one_process_eval')))
+  return evaluation.evaluate_state(exp.p_eval_step, train._on_devices(state),  # pylint: disable=protected-access
+                                   exp.test_sources, _config(data_dir),
+                                   str(tmp_path_factory.mktemp('one_process_eval')))
 
 
 def _metrics(results):

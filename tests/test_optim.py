@@ -144,6 +144,46 @@ def _params(rng):
   }
 
 
+def _run_torch(tp, opt, sched, grads_seq, spe, num_epochs, opt_center=None,
+               center_weight=1.0):
+  """BoT's loop over torch params `tp`: the scheduler steps before each epoch, then
+  `spe` steps of `opt` (and of `opt_center` on the center gradient / center_weight,
+  as BoT's do_train with center loss)."""
+  step = 0
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    for _ in range(num_epochs):
+      sched.step()
+      for _ in range(spe):
+        g = grads_seq[step]
+        for mod in ('conv', 'bn'):
+          for key, value in tp[mod].items():
+            value.grad = torch.tensor(g[mod][key])
+        if opt_center is not None:
+          tp['center'].grad = torch.tensor(g['center'])
+        opt.step()
+        if opt_center is not None:
+          tp['center'].grad.data *= 1.0 / center_weight
+          opt_center.step()
+        step += 1
+
+
+def _run_optax(config, spe, params, grads_seq):
+  """The params after `optim.create_optimizer(config, spe)` applied `grads_seq`."""
+  tx = optim.create_optimizer(config, spe)
+  jp = jax.tree_util.tree_map(jnp.asarray, params)
+  state = tx.init(jp)
+
+  @jax.jit
+  def update(p, s, g):
+    u, s = tx.update(g, s, p)
+    return jax.tree_util.tree_map(lambda a, b: a + b, p, u), s
+
+  for g in grads_seq:
+    jp, state = update(jp, state, g)
+  return jp
+
+
 def test_param_group_labels():
   labels = optim.param_group_labels(_params(np.random.default_rng(0)))
   assert labels == {'conv': {'kernel': 'weight', 'bias': 'bias'},
@@ -189,33 +229,9 @@ def test_optimizer_matches_torch(name):
     opt = torch.optim.SGD(groups, momentum=0.9)
   opt_center = torch.optim.SGD([tp['center']], lr=0.5)
   sched = _WarmupMultiStepLR(opt, [3], 0.1, 0.01, 2, 'linear')
-  step = 0
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore')
-    for _ in range(num_epochs):
-      sched.step()
-      for _ in range(spe):
-        g = grads_seq[step]
-        for mod in ('conv', 'bn'):
-          for key, value in tp[mod].items():
-            value.grad = torch.tensor(g[mod][key])
-        tp['center'].grad = torch.tensor(g['center'])
-        opt.step()
-        tp['center'].grad.data *= 1.0 / 0.25
-        opt_center.step()
-        step += 1
+  _run_torch(tp, opt, sched, grads_seq, spe, num_epochs, opt_center, center_weight=0.25)
 
-  tx = optim.create_optimizer(config, spe)
-  jp = jax.tree_util.tree_map(jnp.asarray, params)
-  state = tx.init(jp)
-
-  @jax.jit
-  def update(p, s, g):
-    u, s = tx.update(g, s, p)
-    return jax.tree_util.tree_map(lambda a, b: a + b, p, u), s
-
-  for g in grads_seq:
-    jp, state = update(jp, state, g)
+  jp = _run_optax(config, spe, params, grads_seq)
   expected = jax.tree_util.tree_map(lambda t: t.detach().numpy(), tp)
   for path, got in jax.tree_util.tree_leaves_with_path(jp):
     want = expected
@@ -272,32 +288,11 @@ def test_reference_gpus_scale_weights_lr_but_not_biases_as_the_variant():
       groups.append({'params': [value], 'lr': lr, 'weight_decay': wd})
   opt = torch.optim.Adam(groups)
   sched = _WarmupMultiStepLR(opt, list(range(30, 256, 15)), 0.6, 0.01, 10, 'linear')
-  step = 0
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore')
-    for _ in range(num_epochs):
-      sched.step()
-      for _ in range(spe):
-        g = grads_seq[step]
-        for mod in ('conv', 'bn'):
-          for key, value in tp[mod].items():
-            value.grad = torch.tensor(g[mod][key])
-        opt.step()
-        step += 1
+  _run_torch(tp, opt, sched, grads_seq, spe, num_epochs)
   lrs = sorted({g['lr'] for g in opt.param_groups})
   assert len(lrs) == 2 and lrs[1] == pytest.approx(2 * lrs[0])  # weights, biases
 
-  tx = optim.create_optimizer(config, spe)
-  jp = jax.tree_util.tree_map(jnp.asarray, params)
-  state = tx.init(jp)
-
-  @jax.jit
-  def update(p, s, g):
-    u, s = tx.update(g, s, p)
-    return jax.tree_util.tree_map(lambda a, b: a + b, p, u), s
-
-  for g in grads_seq:
-    jp, state = update(jp, state, g)
+  jp = _run_optax(config, spe, params, grads_seq)
   lr_fn = optim.create_lr_schedule(config, spe)
   factor = optim.lr_factor_at_epoch(config.schedule, num_epochs - 1, config.num_epochs)
   np.testing.assert_allclose(lr_fn(spe * num_epochs - 1), 2e-4 * factor, rtol=1e-6)

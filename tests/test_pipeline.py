@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default
+from input_pipeline import decode
 from input_pipeline import pipeline
 from input_pipeline import sampler as sampler_lib
 from input_pipeline.records import Record
@@ -120,7 +121,7 @@ def _counting_loader(calls):
   def load(path, index):
     noted = tf.py_function(note, [index], tf.int64)
     with tf.control_dependencies([noted]):
-      return pipeline.decode_image(tf.io.read_file(path))
+      return decode.decode_image(tf.io.read_file(path))
   return load
 
 
@@ -244,7 +245,7 @@ def test_in_memory_loader_matches_files(records):
   from_files = _stack(list(_stream(records, config, num=2, devices=2)))
   from_memory = _stack(list(_stream(
       [r._replace(path='') for r in records], config, num=2, devices=2,
-      load_image=pipeline.in_memory_loader(encoded))))
+      load_image=decode.in_memory_loader(encoded))))
   np.testing.assert_array_equal(from_files['image'], from_memory['image'])
 
 
@@ -285,9 +286,9 @@ def test_decode_png_and_jpeg(tmp_path):
   img = np.random.default_rng(1).integers(0, 256, (20, 10, 3)).astype(np.uint8)
   Image.fromarray(img).save(tmp_path / 'a.png')
   Image.fromarray(img).save(tmp_path / 'a.jpg', quality=75)
-  png = pipeline.decode_image(tf.io.read_file(str(tmp_path / 'a.png')))
+  png = decode.decode_image(tf.io.read_file(str(tmp_path / 'a.png')))
   np.testing.assert_array_equal(png.numpy(), img)
-  jpg = pipeline.decode_image(tf.io.read_file(str(tmp_path / 'a.jpg')))
+  jpg = decode.decode_image(tf.io.read_file(str(tmp_path / 'a.jpg')))
   np.testing.assert_array_equal(
       jpg.numpy(), np.asarray(Image.open(tmp_path / 'a.jpg').convert('RGB')))
 

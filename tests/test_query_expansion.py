@@ -4,29 +4,7 @@ import numpy as np
 import pytest
 
 from eval import query_expansion
-
-
-def fastreid_aqe(query_feat, gallery_feat, qe_times=1, qe_k=10, alpha=3.0):
-  """fast-reid's aqe (fastreid/evaluation/query_expansion.py), torch replaced by
-  numpy float32 (F.normalize: x / max(||x||, 1e-12); torch.mm: matmul)."""
-
-  def normalize(x):
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-  num_query = query_feat.shape[0]
-  all_feat = np.concatenate((query_feat, gallery_feat), axis=0).astype(np.float32)
-  norm_feat = normalize(all_feat)
-  for _ in range(qe_times):
-    all_feat_list = []
-    sims = norm_feat @ norm_feat.T
-    for sim in sims:
-      init_rank = np.argpartition(-sim, range(1, qe_k + 1))
-      weights = sim[init_rank[:qe_k]].reshape((-1, 1))
-      weights = np.power(weights, alpha)
-      all_feat_list.append(np.mean(all_feat[init_rank[:qe_k], :] * weights, axis=0))
-    all_feat = np.stack(all_feat_list, axis=0)
-    norm_feat = normalize(all_feat)
-  return all_feat[:num_query], all_feat[num_query:]
+from eval_reference import fastreid_aqe
 
 
 def features(seed, num_q=23, num_g=70, dim=8):

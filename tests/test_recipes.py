@@ -21,6 +21,7 @@ from PIL import Image
 
 from input_pipeline import data_source
 from input_pipeline import device_augment
+from input_pipeline import reader_utils
 from reid_jax import config_lib
 from reid_jax import losses
 from reid_jax import precision
@@ -74,52 +75,30 @@ SHARED = {
     'half_precision': False,
 }
 
-# Each recipe's own values: (config module, YAML it reproduces, values).
+# Each recipe's own values: config module -> (YAML it reproduces, values in the order of
+# RECIPE_FIELDS).
+RECIPE_FIELDS = (
+    'data_dir', 'folder.train_dir', 'folder.query_dir', 'folder.gallery_dir',  # DATASETS
+    'test_datasets',
+    'input.image_size',  # SIZE_TRAIN = SIZE_TEST
+    'batch_size', 'num_instances', 'num_epochs', 'dtype',
+    'checkpoint_every_epochs', 'eval_every_epochs',
+    'test.cmc_ranks',  # TEST.CMC
+)
 RECIPES = {
-    'syncbn_market': ('debug.yml', {
-        'data_dir': 'data/Market-1501-v15.09.15',
-        'folder.train_dir': 'bounding_box_train',
-        'folder.query_dir': 'query',
-        'folder.gallery_dir': 'bounding_box_test',
-        'test_datasets': (),
-        'input.image_size': (224, 224),  # SIZE_TRAIN = SIZE_TEST
-        'batch_size': 64, 'num_instances': 8, 'num_epochs': 30, 'dtype': '',
-        'checkpoint_every_epochs': 1, 'eval_every_epochs': 1,
-        'test.cmc_ranks': (1, 5, 10),
-    }),
-    'syncbn_veri': ('veri.yml', {
-        'data_dir': 'data/VeRi',
-        'folder.train_dir': 'image_train',
-        'folder.query_dir': 'image_query',
-        'folder.gallery_dir': 'image_test',
-        'test_datasets': (),
-        'input.image_size': (384, 384),
-        'batch_size': 36, 'num_instances': 6, 'num_epochs': 260, 'dtype': 'float16',
-        'checkpoint_every_epochs': 5, 'eval_every_epochs': 5,
-        'test.cmc_ranks': (1, 5, 10),
-    }),
-    'syncbn_veriwild': ('veriwild.yml', {
-        'data_dir': 'data/veriwild',
-        'folder.train_dir': 'train',
-        'folder.query_dir': 'query',
-        'folder.gallery_dir': 'test',
-        'test_datasets': (),
-        'input.image_size': (384, 384),
-        'batch_size': 36, 'num_instances': 6, 'num_epochs': 260, 'dtype': 'float16',
-        'checkpoint_every_epochs': 5, 'eval_every_epochs': 5,
-        'test.cmc_ranks': (1, 5, 10),
-    }),
-    'syncbn_market_to_partial_ilids': ('market2partilibds.yml', {
-        'data_dir': 'data/Market-1501-v15.09.15',
-        'folder.train_dir': 'bounding_box_train',
-        'folder.query_dir': 'query',
-        'folder.gallery_dir': 'bounding_box_test',
-        'test_datasets': ('partial_ilids:data/Partial_iLIDS',),
-        'input.image_size': (384, 256),
-        'batch_size': 64, 'num_instances': 8, 'num_epochs': 120, 'dtype': 'float16',
-        'checkpoint_every_epochs': 1, 'eval_every_epochs': 1,
-        'test.cmc_ranks': (1, 3),  # TEST.CMC
-    }),
+    'syncbn_market': ('debug.yml', (
+        'data/Market-1501-v15.09.15', 'bounding_box_train', 'query', 'bounding_box_test',
+        (), (224, 224), 64, 8, 30, '', 1, 1, (1, 5, 10))),
+    'syncbn_veri': ('veri.yml', (
+        'data/VeRi', 'image_train', 'image_query', 'image_test',
+        (), (384, 384), 36, 6, 260, 'float16', 5, 5, (1, 5, 10))),
+    'syncbn_veriwild': ('veriwild.yml', (
+        'data/veriwild', 'train', 'query', 'test',
+        (), (384, 384), 36, 6, 260, 'float16', 5, 5, (1, 5, 10))),
+    'syncbn_market_to_partial_ilids': ('market2partilibds.yml', (
+        'data/Market-1501-v15.09.15', 'bounding_box_train', 'query', 'bounding_box_test',
+        ('partial_ilids:data/Partial_iLIDS',), (384, 256), 64, 8, 120, 'float16', 1, 1,
+        (1, 3))),
 }
 
 
@@ -138,7 +117,8 @@ def _recipe(name):
 def test_recipe_values_are_the_variants(name):
   config = _recipe(name)
   yml, own = RECIPES[name]
-  expected = {**SHARED, **own}
+  assert len(own) == len(RECIPE_FIELDS)
+  expected = {**SHARED, **dict(zip(RECIPE_FIELDS, own))}
   wrong = {f: (_get(config, f), v) for f, v in expected.items() if _get(config, f) != v}
   assert not wrong, f'{name} differs from the variant\'s {yml} in (got, want): {wrong}'
   assert yml in importlib.import_module(f'configs.{name}').__doc__
@@ -356,7 +336,7 @@ def test_folder_reader_options_come_from_the_config(tmp_path):
   assert records(tests[0].dataset.query) == [('5-cam1.png', 5, 0)]
   assert len(train.dataset.train) == 2
   config.folder.gallery_dir = 'missing'
-  with pytest.raises(data_source.base.DatasetError, match='missing'):
+  with pytest.raises(reader_utils.DatasetError, match='missing'):
     data_source.load_train_test(config)
 
 

@@ -69,21 +69,6 @@ def test_worst_queries_png(images, tmp_path):
   assert drawn.match.any() and not drawn.match.all()
 
 
-def test_worst_queries_from_ranked_indices(images, tmp_path):
-  q_paths, g_paths = images
-  distmat, *labels = _problem()
-  ranked = np.argsort(distmat, axis=1, kind='stable')
-  a = report.save_worst_queries_png(str(tmp_path / 'a.png'), q_paths, g_paths, distmat, *labels,
-                                    num_queries=4, top_k=3)
-  b = report.save_worst_queries_png(str(tmp_path / 'b.png'), q_paths, g_paths, ranked, *labels,
-                                    num_queries=4, top_k=3, ranked=True)
-  np.testing.assert_array_equal(a.query, b.query)
-  np.testing.assert_allclose(a.ap, b.ap)
-  np.testing.assert_array_equal(a.gallery, b.gallery)
-  assert (np.asarray(Image.open(tmp_path / 'a.png')) == np.asarray(
-      Image.open(tmp_path / 'b.png'))).all()
-
-
 @pytest.mark.parametrize('dist', ['euclidean', 'cosine'])
 def test_worst_queries_from_features(images, tmp_path, dist):
   from eval import distance, metrics  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,5 @@
-"""Tests of eval.rerank against a dense numpy transcription of the reference."""
+"""Tests of eval.rerank against the dense numpy transcription of the reference
+(tests/eval_reference.py)."""
 
 import numpy as np
 import pytest
@@ -6,72 +7,7 @@ import pytest
 from eval import distance
 from eval import rerank
 from eval import rerank_neighbours
-
-
-def reference_re_ranking(prob_fea, gal_fea, k1, k2, lambda_value, metric='euclidean'):
-  """The numpy re_ranking(probFea, galFea, k1, k2, lambda_value) of the PyTorch
-  re-ID baselines (BoT utils/re_ranking.py), loop by loop, dense N x N, with the
-  float32 V of torchreid's copy instead of BoT's float16. metric='cosine' uses
-  the cosine distance 1 - cos as the original distance."""
-  query_num = prob_fea.shape[0]
-  feat = np.concatenate([prob_fea, gal_fea]).astype(np.float32)
-  all_num = feat.shape[0]
-  if metric == 'cosine':
-    unit = feat / np.linalg.norm(feat, axis=1, keepdims=True)
-    original_dist = 1.0 - unit @ unit.T
-  else:
-    sq = np.sum(feat ** 2, axis=1, keepdims=True)
-    original_dist = sq + sq.T - 2 * feat @ feat.T
-  gallery_num = original_dist.shape[0]
-  original_dist = np.transpose(original_dist / np.max(original_dist, axis=0))
-  V = np.zeros_like(original_dist).astype(np.float32)
-  initial_rank = np.argsort(original_dist).astype(np.int32)
-
-  for i in range(all_num):
-    # k-reciprocal neighbours
-    forward_k_neigh_index = initial_rank[i, :k1 + 1]
-    backward_k_neigh_index = initial_rank[forward_k_neigh_index, :k1 + 1]
-    fi = np.where(backward_k_neigh_index == i)[0]
-    k_reciprocal_index = forward_k_neigh_index[fi]
-    k_reciprocal_expansion_index = k_reciprocal_index
-    for j in range(len(k_reciprocal_index)):
-      candidate = k_reciprocal_index[j]
-      candidate_forward_k_neigh_index = initial_rank[candidate, :int(np.around(k1 / 2)) + 1]
-      candidate_backward_k_neigh_index = initial_rank[candidate_forward_k_neigh_index,
-                                                      :int(np.around(k1 / 2)) + 1]
-      fi_candidate = np.where(candidate_backward_k_neigh_index == candidate)[0]
-      candidate_k_reciprocal_index = candidate_forward_k_neigh_index[fi_candidate]
-      if len(np.intersect1d(candidate_k_reciprocal_index, k_reciprocal_index)) > 2 / 3 * len(
-          candidate_k_reciprocal_index):
-        k_reciprocal_expansion_index = np.append(k_reciprocal_expansion_index,
-                                                 candidate_k_reciprocal_index)
-    k_reciprocal_expansion_index = np.unique(k_reciprocal_expansion_index)
-    weight = np.exp(-original_dist[i, k_reciprocal_expansion_index])
-    V[i, k_reciprocal_expansion_index] = weight / np.sum(weight)
-  original_dist = original_dist[:query_num,]
-  if k2 != 1:
-    V_qe = np.zeros_like(V, dtype=np.float32)
-    for i in range(all_num):
-      V_qe[i, :] = np.mean(V[initial_rank[i, :k2], :], axis=0)
-    V = V_qe
-    del V_qe
-  del initial_rank
-  invIndex = []
-  for i in range(gallery_num):
-    invIndex.append(np.where(V[:, i] != 0)[0])
-
-  jaccard_dist = np.zeros_like(original_dist, dtype=np.float32)
-  for i in range(query_num):
-    temp_min = np.zeros(shape=[1, gallery_num], dtype=np.float32)
-    indNonZero = np.where(V[i, :] != 0)[0]
-    indImages = [invIndex[ind] for ind in indNonZero]
-    for j in range(len(indNonZero)):
-      temp_min[0, indImages[j]] = temp_min[0, indImages[j]] + np.minimum(
-          V[i, indNonZero[j]], V[indImages[j], indNonZero[j]])
-    jaccard_dist[i] = 1 - temp_min / (2 - temp_min)
-
-  final_dist = jaccard_dist * (1 - lambda_value) + original_dist * lambda_value
-  return final_dist[:query_num, query_num:]
+from eval_reference import reference_re_ranking
 
 
 def clustered_features(seed, num, dim=32, num_ids=25, noise=0.7):
@@ -149,7 +85,7 @@ def test_errors():
     rerank.re_ranking(q, g, block_size=0)
   with pytest.raises(ValueError, match='max_pairs must be >= 1'):
     rerank.re_ranking(q, g, max_pairs=0)
-  with pytest.raises(ValueError, match='Unknown distance'):
+  with pytest.raises(ValueError, match="distance must be one of 'euclidean', 'cosine'"):
     rerank.re_ranking(q, g, distance='hamming')
 
 

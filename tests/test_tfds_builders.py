@@ -3,15 +3,17 @@
 import io
 import os
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow as tf
 
-from input_pipeline import base
+from configs import default
 from input_pipeline import catalog
 from input_pipeline import data_source
+from input_pipeline import decode
 from input_pipeline import market
+from input_pipeline import reader_utils
 from input_pipeline import tfds_builders
 
 MARKET_TREE = {
@@ -60,7 +62,7 @@ def test_builder_class(prepared):
   assert builder.is_prepared()
   assert set(builder.info.splits) == {'train', 'query', 'gallery'}
   assert set(builder.info.features) == {'image', 'pid', 'camid', 'path', 'index'}
-  with pytest.raises(base.DatasetError, match='Unknown dataset'):
+  with pytest.raises(reader_utils.DatasetError, match='Unknown dataset'):
     tfds_builders.builder_class('nope')
 
 
@@ -93,15 +95,15 @@ def test_as_tf_dataset_encoded_images(prepared):
     with open(record.path, 'rb') as f:
       assert ex['image'] == f.read()  # the original bytes
     assert Image.open(io.BytesIO(ex['image'])).size == (4, 8)
-  decoded = next(iter(tfds_builders.as_tf_dataset(
-      'market1501', 'query', prepared['data_dir'], decode_images=True)))
-  assert tuple(decoded['image'].shape) == (8, 4, 3)
+  # The bytes decode, as the pipeline reads them (decode.in_memory_loader), to 8x4x3.
+  decoded = decode.decode_image(tf.constant(examples[0]['image']))
+  assert tuple(decoded.shape) == (8, 4, 3)
 
 
 def test_not_prepared_and_missing_manual_dir(prepared):
-  with pytest.raises(base.DatasetError, match='is not prepared'):
+  with pytest.raises(reader_utils.DatasetError, match='is not prepared'):
     tfds_builders.read_tfds_dataset('dukemtmcreid', prepared['data_dir'])
-  with pytest.raises(base.DatasetError, match='manual dir .* does not exist'):
+  with pytest.raises(reader_utils.DatasetError, match='manual dir .* does not exist'):
     tfds_builders.prepare('dukemtmcreid', str(prepared['tmp'] / 'absent'),
                           prepared['data_dir'])
 
@@ -110,7 +112,8 @@ def test_load_train_test_tfds(prepared):
   ilids = prepared['tmp'] / 'Partial_iLIDS'
   write_tree(str(ilids), {'Probe': ['001.jpg'],
                              'Gallery': ['001.jpg', '002.jpg']})
-  config = ml_collections.ConfigDict({
+  config = default.get_config()
+  config.update({
       'dataset': 'market1501', 'data_dir': prepared['root'],
       'test_dataset': 'partial_ilids', 'test_data_dir': str(ilids),
       'data_format': 'tfds', 'tfds_data_dir': prepared['data_dir']})
@@ -120,15 +123,13 @@ def test_load_train_test_tfds(prepared):
   assert train == market.read_market1501(prepared['root'], verify=True)
   assert test == catalog.load_dataset('partial_ilids', str(ilids))
   # The images come from the shards, decoded in memory: equal to the files' bytes.
-  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   for i in (0, len(train.train) - 1):
     from_shards = train_source.load_train_image(tf.constant(''), tf.constant(i, tf.int64))
-    from_file = pipeline.decode_image(tf.io.read_file(train.train[i].path))
+    from_file = decode.decode_image(tf.io.read_file(train.train[i].path))
     np.testing.assert_array_equal(from_shards.numpy(), from_file.numpy())
   gallery_0 = len(test.query)
   from_shards = test_source.load_test_image(tf.constant(''), tf.constant(gallery_0, tf.int64))
-  from_file = pipeline.decode_image(tf.io.read_file(test.gallery[0].path))
+  from_file = decode.decode_image(tf.io.read_file(test.gallery[0].path))
   np.testing.assert_array_equal(from_shards.numpy(), from_file.numpy())
   assert test.train == ()  # test-only: no train split was written
   builder = tfds_builders.get_builder('partial_ilids', prepared['data_dir'])

@@ -11,9 +11,12 @@ import pytest
 from PIL import Image
 
 from configs import demo
+from eval_reference import reference_market
+from input_pipeline import data_source
 from input_pipeline import pipeline
 from input_pipeline import synthetic
 from reid_jax import checkpoint as checkpoint_lib
+from reid_jax import eval_only
 from reid_jax import train
 
 H, W = 64, 32
@@ -29,25 +32,21 @@ def data_dir(tmp_path_factory):
   return str(root)
 
 
+# tiny_config's changes to the demo config (dotted field names).
+TINY = {
+    'input.image_size': (H, W), 'model.stage_sizes': (1, 1, 1, 1), 'model.width': 8,
+    'batch_size': 8, 'num_instances': 2, 'num_epochs': 2, 'steps_per_epoch': 2,
+    'log_every_steps': 1, 'checkpoint_every_epochs': 1, 'eval_every_epochs': 2,
+    'test.batch_size': 12, 'test.report_queries': 3, 'test.report_top_k': 4,
+    'test.max_rank': 5,
+}
+
+
 def tiny_config(data_dir, **overrides):
   """The demo config shrunk to a 1-block-per-stage, width-8 ResNet on 64x32 images."""
   config = demo.get_config()
   config.data_dir = data_dir
-  config.input.image_size = (H, W)
-  config.model.stage_sizes = (1, 1, 1, 1)
-  config.model.width = 8
-  config.batch_size = 8
-  config.num_instances = 2
-  config.num_epochs = 2
-  config.steps_per_epoch = 2
-  config.log_every_steps = 1
-  config.checkpoint_every_epochs = 1
-  config.eval_every_epochs = 2
-  config.test.batch_size = 12
-  config.test.report_queries = 3
-  config.test.report_top_k = 4
-  config.test.max_rank = 5
-  for key, value in overrides.items():
+  for key, value in {**TINY, **overrides}.items():
     node = config
     *parents, leaf = key.split('.')
     for p in parents:
@@ -62,19 +61,6 @@ def trained(data_dir, tmp_path_factory):
   config = tiny_config(data_dir)
   results = train.train_and_evaluate(config, workdir)
   return config, workdir, results
-
-
-def _numpy_market_map(distmat, q_pids, g_pids, q_cams, g_cams):
-  aps = []
-  for i in range(len(q_pids)):
-    order = np.argsort(distmat[i], kind='stable')
-    keep = ~((g_pids[order] == q_pids[i]) & (g_cams[order] == q_cams[i]))
-    matches = (g_pids[order] == q_pids[i])[keep]
-    if not matches.any():
-      continue
-    hits = np.flatnonzero(matches)
-    aps.append(np.mean([(k + 1) / (r + 1) for k, r in enumerate(hits)]))
-  return float(np.mean(aps))
 
 
 def test_training_writes_checkpoints_results_reports_and_events(trained):
@@ -96,24 +82,33 @@ def test_reported_map_equals_plain_model_apply_and_numpy_map(trained, data_dir):
   config, workdir, results = trained
   exp = train.build_experiment(config)
   state = checkpoint_lib.restore(checkpoint_lib.create_manager(workdir), exp.state)
-  model = exp.state.apply_fn
+  variables = {'params': {k: v for k, v in state.params.items() if k != 'center'},
+               'batch_stats': state.batch_stats}
 
-  def embed(records):
-    mean, std = np.array(config.input.pixel_mean), np.array(config.input.pixel_std)
+  def embed(images):
+    return np.asarray(exp.state.apply_fn(variables, images, train=False))
+
+  expected = _reference_map(embed, exp.test_sources[0].dataset, config)
+  assert results['mAP'] == pytest.approx(expected, abs=1e-4)
+
+
+def _reference_map(embed, test_set, config):
+  """The numpy Market mAP of `embed` (NHWC float32 -> features) on PIL-loaded,
+  normalised images (no tf.data), with L2-normalised features."""
+  mean, std = np.array(config.input.pixel_mean), np.array(config.input.pixel_std)
+
+  def features(records):
     images = np.stack([(np.asarray(Image.open(r.path).convert('RGB'), np.float32) / 255
                         - mean) / std for r in records]).astype(np.float32)
-    variables = {'params': {k: v for k, v in state.params.items() if k != 'center'},
-                 'batch_stats': state.batch_stats}
-    feats = np.asarray(model(variables, images, train=False))
+    feats = embed(images)
     return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
-  q, g = exp.test_sources[0].dataset.query, exp.test_sources[0].dataset.gallery
-  qf, gf = embed(q), embed(g)
+  q, g = test_set.query, test_set.gallery
+  qf, gf = features(q), features(g)
   distmat = (qf ** 2).sum(1)[:, None] + (gf ** 2).sum(1)[None] - 2 * qf @ gf.T
-  expected = _numpy_market_map(distmat, np.array([r.pid for r in q]),
-                               np.array([r.pid for r in g]), np.array([r.camid for r in q]),
-                               np.array([r.camid for r in g]))
-  assert results['mAP'] == pytest.approx(expected, abs=1e-4)
+  return reference_market(distmat, np.array([r.pid for r in q]),
+                          np.array([r.pid for r in g]), np.array([r.camid for r in q]),
+                          np.array([r.camid for r in g]), len(g))[1]
 
 
 def test_rerun_resumes_from_latest_checkpoint(trained, data_dir):
@@ -128,8 +123,8 @@ def test_eval_only_restores_and_writes_results(trained):
   config, workdir, results = trained
   os.remove(os.path.join(workdir, 'eval_results.json'))
   rerank_config = tiny_config(config.data_dir, **{'test.rerank': True})
-  out = train.evaluate_checkpoint(rerank_config, workdir,
-                                  checkpoint=os.path.join(workdir, 'checkpoints', '4'))
+  out = eval_only.evaluate_checkpoint(rerank_config, workdir,
+                                      checkpoint=os.path.join(workdir, 'checkpoints', '4'))
   assert out['step'] == 4
   assert out['mAP'] == pytest.approx(results['mAP'], abs=1e-6)
   assert 0.0 <= out['rerank_mAP'] <= 1.0
@@ -139,7 +134,36 @@ def test_eval_only_restores_and_writes_results(trained):
 
 def test_eval_only_without_checkpoint_is_a_clear_error(data_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint in'):
-    train.evaluate_checkpoint(tiny_config(data_dir), str(tmp_path))
+    eval_only.evaluate_checkpoint(tiny_config(data_dir), str(tmp_path))
+
+
+def test_eval_only_evaluates_a_converted_pytorch_strong_baseline(data_dir, tmp_path):
+  """A torch strong-baseline model, given as --config.model.pretrained (a DataParallel
+  .pth, default pretrain_choice) or --config.checkpoint (its converted .npz), is
+  evaluated whole: the mAP of the torch model's own features (numpy reference)."""
+  torch = pytest.importorskip('torch')
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  from reid_jax import convert  # pylint: disable=g-import-not-at-top
+  net = torch_reference.make_torch_strong_baseline((1, 1, 1, 1), 1, num_classes=8,
+                                                   seed=5, width=8)
+  pth, npz = str(tmp_path / 'model.pth'), str(tmp_path / 'model.npz')
+  torch.save({'module.' + k: v for k, v in net.state_dict().items()}, pth)
+  convert.save_npz(net.state_dict(), npz)
+  by_pretrained = eval_only.evaluate_checkpoint(
+      tiny_config(data_dir, **{'model.name': 'resnet50', 'model.pretrained': pth}), str(tmp_path / 'a'))
+  config = tiny_config(data_dir, **{'model.name': 'resnet50'})  # bottleneck blocks
+  by_checkpoint = eval_only.evaluate_checkpoint(config, str(tmp_path / 'b'),
+                                                checkpoint=npz)
+
+  def embed(images):  # the torch model's features
+    with torch.no_grad():
+      return net(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+
+  expected = _reference_map(embed, data_source.load_train_test(config)[1][0].dataset,
+                            config)
+  assert by_pretrained['mAP'] == pytest.approx(expected, abs=1e-4)
+  assert by_checkpoint['mAP'] == pytest.approx(by_pretrained['mAP'], abs=1e-6)
+  assert by_checkpoint['rank1'] == by_pretrained['rank1']
 
 
 def _poison_step(monkeypatch, epoch, position=0):
@@ -295,14 +319,19 @@ def test_cli_rejects_misspelt_config_field(tmp_path):
   assert 'base_lrr' in proc.stderr and 'base_lr' in proc.stderr
 
 
+def _tiny_eval_only_flags(config, workdir, width):
+  """CLI flags of an --eval_only run of tiny_config's model (of the given width)."""
+  return ('--config=configs/demo.py', f'--workdir={workdir}', '--eval_only',
+          f'--config.data_dir={config.data_dir}', f'--config.input.image_size=({H}, {W})',
+          '--config.model.stage_sizes=(1, 1, 1, 1)', f'--config.model.width={width}',
+          '--config.batch_size=8', '--config.num_instances=2',
+          '--config.test.batch_size=12')
+
+
 def test_cli_eval_only(trained, tmp_path):
   config, workdir, results = trained
-  proc = _run_cli('--config=configs/demo.py', f'--workdir={tmp_path}', '--eval_only',
-                  f'--config.data_dir={config.data_dir}', '--config.input.image_size=(64, 32)',
-                  '--config.model.stage_sizes=(1, 1, 1, 1)', '--config.model.width=8',
-                  '--config.batch_size=8', '--config.num_instances=2',
-                  '--config.test.batch_size=12', '--config.test.max_rank=5',
-                  f'--config.checkpoint={workdir}/checkpoints/4')
+  proc = _run_cli(*_tiny_eval_only_flags(config, tmp_path, width=8),
+                  '--config.test.max_rank=5', f'--config.checkpoint={workdir}/checkpoints/4')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'mAP' in proc.stdout and 'Rank-1' in proc.stdout
   with open(tmp_path / 'eval_results.json') as f:
@@ -311,10 +340,7 @@ def test_cli_eval_only(trained, tmp_path):
 
 def test_cli_mismatched_checkpoint_is_a_clear_error(trained, tmp_path):
   config, workdir, _ = trained
-  proc = _run_cli('--config=configs/demo.py', f'--workdir={tmp_path}', '--eval_only',
-                  f'--config.data_dir={config.data_dir}', '--config.input.image_size=(64, 32)',
-                  '--config.model.stage_sizes=(1, 1, 1, 1)', '--config.model.width=16',
-                  '--config.batch_size=8', '--config.num_instances=2',
-                  '--config.test.batch_size=12', f'--config.checkpoint={workdir}')
+  proc = _run_cli(*_tiny_eval_only_flags(config, tmp_path, width=16),
+                  f'--config.checkpoint={workdir}')
   assert proc.returncode != 0
   assert 'does not match the model' in proc.stderr

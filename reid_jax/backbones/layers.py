@@ -20,7 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from input_pipeline.choices import check_choice  # the project's one choice check
 from reid_jax import batch_norm as batch_norm_lib
+
+# config.model.last_stride: the fourth stage's stride (1: BoT's last-stride trick).
+LAST_STRIDES = (1, 2)
 
 
 Array = jax.Array
@@ -44,13 +48,6 @@ def torch_linear_bias_init(fan_in: int) -> Initializer:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
-
-
-def check_choice(field: str, value: Any, allowed: Sequence[Any]) -> None:
-  """Raises ValueError naming `field` if `value` is not in `allowed`."""
-  if value not in allowed:
-    raise ValueError(
-        f'Unknown {field}={value!r}; allowed values: {", ".join(map(repr, allowed))}.')
 
 
 def batch_norm(train: bool, dtype: Dtype, axis_name: Optional[str],
@@ -363,7 +360,7 @@ def residual_stages(stage_sizes: Sequence[int], width: int, last_stride: int,
   Yields:
     One `BlockPlace` per block, in order.
   """
-  check_choice('last_stride', last_stride, (1, 2))
+  check_choice('last_stride', last_stride, LAST_STRIDES)
   for i, num_blocks in enumerate(stage_sizes):
     planes = width * 2**i
     stage_stride = 1 if i == 0 else (last_stride if i == 3 else 2)

@@ -1,21 +1,21 @@
-"""Evaluation of a model: feature extraction under pmap, scoring, reports, results.
+"""Evaluation of a model state on the test sets: features, scores, logs, results files.
 
-Features are embedded on the devices in padded batches (a mask marks the padding, so
-every query and gallery image is counted exactly once); with several processes each
-embeds its share and the rows are gathered once (`multihost_eval.gather_rows`). The
-features are scored by `reid_jax.scoring` (streamed CMC, mAP, mINP, TPR@FPR; dense
-re-ranking and CUHK03 protocol within `config.test.max_dense_gb`; across processes,
-the ranking shared out by query blocks and the rest on process 0). Each test set of
-`config.test_datasets` is evaluated and logged under its label; `eval_results.json`
-and the reports are written by process 0 only.
+`evaluate_state` evaluates every test set of `config.test_datasets` in turn: its
+features are extracted (`reid_jax.features.extract_features`), scored
+(`reid_jax.scoring.score_on_processes`: streamed CMC, mAP, mINP, TPR@FPR; dense
+re-ranking and CUHK03 protocol within `config.test.max_dense_gb`; with several
+processes the ranking is shared out by query blocks and the rest runs on process 0)
+and logged under its label. `eval_results.json` and the reports
+(`worst_queries.png`, `cmc.png`) are written by process 0 only. Training calls
+`evaluate_state` periodically; the evaluation-only mode (`--eval_only`) is
+`reid_jax.eval_only.evaluate_checkpoint`.
 """
 
-import collections
 import json
 import logging
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -25,96 +25,12 @@ from eval import metrics as metrics_lib
 from eval import report as report_lib
 from input_pipeline import cuhk03_classic
 from input_pipeline import data_source
-from input_pipeline import image_check
-from input_pipeline import pipeline
-from input_pipeline.records import ReIDDataset, Record
-from reid_jax import multihost_eval
+from input_pipeline.records import ReIDDataset
+from reid_jax import features as features_lib
 from reid_jax import scoring
-# Re-exported: the scoring API of the evaluation (reid_jax.scoring owns it).
-from reid_jax.scoring import check_dense_memory, prepare_features, score  # pylint: disable=unused-import
 
 # config.test.protocol: 'auto' resolves per test set (see `resolve_protocol`).
 PROTOCOLS = ('auto',) + metrics_lib.PROTOCOLS
-
-# Evaluation batches dispatched before the oldest one is fetched.
-_EVAL_BATCHES_IN_FLIGHT = 4
-
-
-def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record],
-                     config: ml_collections.ConfigDict,
-                     load_image: Optional[Callable] = None,
-                     log_every_secs: float = 10.0) -> np.ndarray:
-  """Embeds every record once, in order.
-
-  uint8 batches (prefetched on the host by tf.data) are sent to the devices
-  asynchronously and normalised there; outputs are fetched a few batches behind the dispatch, so the device always
-  has work queued and the host never waits for a batch it just sent. Progress (images
-  done, images/s) is logged every `log_every_secs`.
-
-  Args:
-    p_eval_step: pmapped `train_step.eval_step`.
-    state: the train state, already on the devices (see `train._on_devices`).
-    records: images to embed.
-    config: the run's config (config.test.batch_size, config.input).
-    load_image: image reader hook of `pipeline.create_eval_dataset` (TFDS data).
-    log_every_secs: seconds between progress lines.
-
-  Returns:
-    float32 features (len(records), D) in the order of `records`. With several
-    processes each embeds its share and the rows are gathered once
-    (`multihost_eval.gather_rows`): every process returns all of them.
-
-  Raises:
-    image_check.UndecodableImageError: naming the images that do not decode.
-    RuntimeError: an image embedded by no process, or by several.
-  """
-  num_local = jax.local_device_count()
-  ds = pipeline.create_eval_dataset(records, config, num_local_devices=num_local,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count(),
-                                    load_image=load_image)
-  feats = None
-  mine = []  # the rows this process embedded
-  pending: collections.deque = collections.deque()
-  start = last_log = time.time()
-  done = 0
-
-  def collect(out: jax.Array, mask: np.ndarray, index: np.ndarray) -> None:
-    nonlocal feats, done
-    out = np.asarray(jax.device_get(out))
-    out = out.reshape(-1, out.shape[-1])[mask]
-    if feats is None:  # every process sees a first batch (padding included)
-      feats = np.zeros((len(records), out.shape[-1]), np.float32)
-    feats[index[mask]] = out
-    mine.append(index[mask])
-    done += int(mask.sum())
-
-  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('batch',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
-  # tf.data prefetches on the host; an image that does not decode is named.
-  for batch in image_check.eval_batches(ds.as_numpy_iterator(), records, config,
-                                        load_image):
-    # Asynchronous transfer and dispatch: only the image goes to the devices.
-    image = jax.device_put(batch['image'], sharding)
-    out = p_eval_step(state, {'image': image})
-    pending.append((out, batch['mask'].reshape(-1), batch['index'].reshape(-1)))
-    if len(pending) > _EVAL_BATCHES_IN_FLIGHT:
-      collect(*pending.popleft())
-    if time.time() - last_log >= log_every_secs:
-      last_log = time.time()
-      logging.info('Features: %d / %d images (%.0f images/s).', done, len(records),
-                   done / (last_log - start))
-  while pending:
-    collect(*pending.popleft())
-  if feats is None:
-    raise RuntimeError(f'Feature extraction produced no batch for {len(records)} images.')
-  # Several processes: the others' rows, each sent once by the process that embedded it.
-  sent = multihost_eval.gather_rows(feats, np.concatenate(mine))
-  if np.any(sent != 1):
-    raise RuntimeError(f'Feature extraction missed {int((sent == 0).sum())} and repeated '
-                       f'{int((sent > 1).sum())} of {len(records)} images; every image '
-                       'must be embedded exactly once.')
-  return feats
 
 
 def resolve_protocol(setting: str, dataset_name: str) -> str:
@@ -139,7 +55,7 @@ def resolve_protocol(setting: str, dataset_name: str) -> str:
 
 def check_test_sets(sources: Sequence[data_source.DataSource],
                     config: ml_collections.ConfigDict, dim: int) -> None:
-  """`check_dense_memory` for every test set, at start-up (before any training)."""
+  """`scoring.check_dense_memory` for every test set, at start-up (before any training)."""
   for source in sources:
     scoring.check_dense_memory(
         len(source.dataset.query), len(source.dataset.gallery), dim, config.test,
@@ -169,8 +85,14 @@ def format_results(results: dict) -> str:
   return '\n'.join(lines)
 
 
+def print_results(results: dict) -> None:
+  """Prints `format_results` on stdout, on process 0 only (the log goes to stderr)."""
+  if jax.process_index() == 0:
+    print(format_results(results), flush=True)
+
+
 def summary_scalars(results: dict) -> dict[str, float]:
-  """TensorBoard scalars of `run_evaluation`'s results.
+  """TensorBoard scalars of `evaluate_state`'s results.
 
   One test set: 'eval/<metric>'; several: 'eval/<label>/<metric>' for each.
   """
@@ -186,7 +108,7 @@ def _label(source: data_source.DataSource) -> str:
   return source.label or source.dataset.name
 
 
-def run_evaluation(p_eval_step: Callable, state: Any,
+def evaluate_state(p_eval_step: Callable, state: Any,
                    sources: data_source.DataSource | Sequence[data_source.DataSource],
                    config: ml_collections.ConfigDict, workdir: str,
                    write_reports: bool = True) -> dict:
@@ -202,7 +124,7 @@ def run_evaluation(p_eval_step: Callable, state: Any,
 
   Args:
     p_eval_step: pmapped `train_step.eval_step`.
-    state: the train state, on the devices.
+    state: the train state, on the devices (see `train._on_devices`).
     sources: the test sets (`data_source.load_train_test`), or one of them.
     config: the run's config.
     workdir: where `eval_results.json` and the reports go.
@@ -210,7 +132,7 @@ def run_evaluation(p_eval_step: Callable, state: Any,
 
   Returns:
     {'step', 'eval_seconds', 'test_set', 'test_sets': {label: results}} and the first
-    set's results (see `score`) at the top level; the same on every process (only
+    set's results (see `scoring.score`) at the top level; the same on every process (only
     process 0 writes `eval_results.json` and the reports).
   """
   if isinstance(sources, data_source.DataSource):
@@ -247,8 +169,9 @@ def _evaluate_one(p_eval_step: Callable, state: Any, source: data_source.DataSou
   protocol = resolve_protocol(config.test.protocol, test_set.name)
   logging.info('Test set %s (%s): extracting features of %d query and %d gallery images.',
                name, test_set.name, num_q, num_g)
-  feats = extract_features(p_eval_step, state, list(test_set.query) + list(test_set.gallery),
-                           config, source.load_test_image)
+  feats = features_lib.extract_features(p_eval_step, state,
+                                       list(test_set.query) + list(test_set.gallery),
+                                       config, source.load_test_image)
 
   def report(arrays: dict) -> None:  # process 0 only
     if not write_reports:

@@ -10,14 +10,16 @@ image camid 1 (the usual same-camera filter then removes nothing).
 import os
 import re
 
-from input_pipeline import base
+from input_pipeline import reader_utils
+from input_pipeline.dataset_stats import DatasetSpec
+from input_pipeline.dataset_stats import SplitStats
 from input_pipeline.records import ReIDDataset
 
 PID_PATTERN = r'^(\d+)'
 QUERY_CAMID = 0
 GALLERY_CAMID = 1
 
-PARTIAL_ILIDS = base.DatasetSpec(
+PARTIAL_ILIDS = DatasetSpec(
     title='Partial-iLIDS',
     layout="""
 Partial_iLIDS/
@@ -29,11 +31,11 @@ Partial_iLIDS/
             'Reconstruction for Partial Person Re-identification", CVPR 2018; '
             'derived from i-LIDS), distributed with partial re-ID code'),
     published={
-        'query': base.SplitStats(119, 119, 1),
-        'gallery': base.SplitStats(119, 119, 1),
+        'query': SplitStats(119, 119, 1),
+        'gallery': SplitStats(119, 119, 1),
     })
 
-PARTIAL_REID = base.DatasetSpec(
+PARTIAL_REID = DatasetSpec(
     title='Partial-REID',
     layout="""
 Partial_REID/
@@ -43,13 +45,13 @@ Partial_REID/
     source=('the Partial-REID release (Zheng et al., "Partial Person '
             'Re-identification", ICCV 2015)'),
     published={
-        'query': base.SplitStats(60, 300, 1),
-        'gallery': base.SplitStats(60, 300, 1),
+        'query': SplitStats(60, 300, 1),
+        'gallery': SplitStats(60, 300, 1),
     })
 
 
-def parse_pids(paths: list[str], camid: int, *, spec: base.DatasetSpec,
-               split: str, pattern: str = PID_PATTERN) -> list[base.Item]:
+def parse_pids(paths: list[str], camid: int, *, spec: DatasetSpec,
+               split: str, pattern: str = PID_PATTERN) -> list[reader_utils.Item]:
   """Parses the pid at the start of each file name; all get `camid`.
 
   Args:
@@ -63,7 +65,7 @@ def parse_pids(paths: list[str], camid: int, *, spec: base.DatasetSpec,
     [(path, pid, camid)].
 
   Raises:
-    base.DatasetError: names that do not start with a pid.
+    reader_utils.DatasetError: names that do not start with a pid.
   """
   regex = re.compile(pattern)
   items, bad = [], []
@@ -73,25 +75,25 @@ def parse_pids(paths: list[str], camid: int, *, spec: base.DatasetSpec,
       bad.append(os.path.basename(path))
       continue
     items.append((path, int(match.group(1)), camid))
-  base.raise_unparsed(spec, split, bad, len(paths),
-                      f'pattern "{pattern}" (pid first)')
+  reader_utils.raise_unparsed(spec, split, bad, len(paths),
+                              f'pattern "{pattern}" (pid first)')
   return items
 
 
-def _read_partial(root: str, *, name: str, spec: base.DatasetSpec,
+def _read_partial(root: str, *, name: str, spec: DatasetSpec,
                   layouts: list[tuple[str, str]], candidates: tuple[str, ...],
                   verify: bool, num_threads: int) -> ReIDDataset:
   """Reads a test-only query/gallery folder pair."""
-  folder, index = base.find_root(root, spec, [list(l) for l in layouts],
-                                 candidates)
+  folder, index = reader_utils.find_root(root, spec, [list(l) for l in layouts],
+                                         candidates)
   query_dir, gallery_dir = (os.path.join(folder, d) for d in layouts[index])
-  query = parse_pids(base.list_images(query_dir, spec=spec, split='query'),
+  query = parse_pids(reader_utils.list_images(query_dir, spec=spec, split='query'),
                      QUERY_CAMID, spec=spec, split='query')
-  gallery = parse_pids(base.list_images(gallery_dir, spec=spec, split='gallery'),
+  gallery = parse_pids(reader_utils.list_images(gallery_dir, spec=spec, split='gallery'),
                        GALLERY_CAMID, spec=spec, split='gallery')
-  return base.build_dataset(name, spec, train=[], query=query, gallery=gallery,
-                            verify=verify, num_threads=num_threads,
-                            has_train=False)
+  return reader_utils.build_dataset(name, spec, train=[], query=query, gallery=gallery,
+                                    verify=verify, num_threads=num_threads,
+                                    has_train=False)
 
 
 def read_partial_ilids(root: str, *, verify: bool = False,

@@ -1,4 +1,4 @@
-"""Helpers shared by the dataset readers: layout checks, parsing, statistics, image checks.
+"""Helpers shared by the dataset readers: layout checks, parsing, relabelling, image checks.
 
 Every reader follows the same steps (as torchreid / fast-reid / the BoT baseline):
 
@@ -9,25 +9,26 @@ Every reader follows the same steps (as torchreid / fast-reid / the BoT baseline
 3. `build_dataset`: optionally drop undecodable images (`verify_images`),
    relabel the train pids to 0..C-1 in sorted-pid order, check the query and
    gallery, log a statistics table and warn about every split whose counts
-   differ from the published ones.
+   differ from the published ones (`input_pipeline.dataset_stats`).
 
 Nothing here imports TensorFlow.
 """
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 import concurrent.futures
-import dataclasses
 import os
 import re
 
 from absl import logging
 from PIL import Image
 
+from input_pipeline import dataset_stats
+from input_pipeline.dataset_stats import DatasetSpec
 from input_pipeline.records import Record
 from input_pipeline.records import ReIDDataset
+from input_pipeline.records import SPLITS
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
-SPLITS = ('train', 'query', 'gallery')
 # How many offending file names / ids an error or warning message lists.
 MAX_EXAMPLES = 5
 # A parsed image before relabelling: (absolute path, pid, camid).
@@ -38,36 +39,6 @@ Reader = Callable[..., ReIDDataset]
 
 class DatasetError(ValueError):
   """A dataset folder is missing, incomplete or does not parse."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitStats:
-  """Counts of one split.
-
-  Attributes:
-    num_ids: distinct pids (Market's distractor id 0 counts as one).
-    num_images: images.
-    num_cams: distinct cameras; None in published tables where unknown.
-  """
-  num_ids: int
-  num_images: int
-  num_cams: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """What a reader knows about its dataset, for messages and checks.
-
-  Attributes:
-    title: human name, e.g. 'Market-1501'.
-    layout: the expected folder tree, shown when something is missing.
-    source: where the dataset is normally obtained (never downloaded here).
-    published: split name -> published statistics (empty: nothing to compare).
-  """
-  title: str
-  layout: str
-  source: str
-  published: Mapping[str, SplitStats] = dataclasses.field(default_factory=dict)
 
 
 def layout_help(spec: DatasetSpec) -> str:
@@ -293,7 +264,7 @@ def to_records(items: Iterable[Item]) -> tuple[Record, ...]:
   return tuple(Record(*item) for item in sorted(items))
 
 
-def _image_problem(path: str) -> str | None:
+def image_problem(path: str) -> str | None:
   """Returns why an image cannot be decoded, or None if it decodes."""
   try:
     with Image.open(path) as image:
@@ -324,7 +295,7 @@ def verify_images(records: Sequence[Record], num_threads: int = 8,
   if not records:
     return records, 0
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-    problems = list(pool.map(_image_problem, (r.path for r in records)))
+    problems = list(pool.map(image_problem, (r.path for r in records)))
   good = tuple(r for r, p in zip(records, problems) if p is None)
   bad = [(r.path, p) for r, p in zip(records, problems) if p is not None]
   if bad:
@@ -333,102 +304,6 @@ def verify_images(records: Sequence[Record], num_threads: int = 8,
                     len(bad), len(records), examples,
                     ' ...' if len(bad) > MAX_EXAMPLES else '')
   return good, len(bad)
-
-
-def split_stats(records: Iterable[Record]) -> SplitStats:
-  """Counts ids, images and cameras.
-
-  Args:
-    records: the split.
-
-  Returns:
-    Its statistics.
-  """
-  records = list(records)
-  return SplitStats(num_ids=len({r.pid for r in records}),
-                    num_images=len(records),
-                    num_cams=len({r.camid for r in records}))
-
-
-def dataset_stats(dataset: ReIDDataset) -> dict[str, SplitStats]:
-  """Statistics of the splits of a dataset.
-
-  Args:
-    dataset: the dataset.
-
-  Returns:
-    split name -> statistics (splits with no record are left out).
-  """
-  return {split: split_stats(getattr(dataset, split))
-          for split in SPLITS if getattr(dataset, split)}
-
-
-def stats_table(name: str, stats: Mapping[str, SplitStats],
-                published: Mapping[str, SplitStats]) -> str:
-  """Formats the found (and published) statistics as a text table.
-
-  Args:
-    name: dataset name for the title.
-    stats: split -> found statistics.
-    published: split -> published statistics.
-
-  Returns:
-    The table, one line per split.
-  """
-  def cell(found, expected):
-    return f'{found}' if expected is None else f'{found} / {expected}'
-  rows = [('split', '# ids', '# images', '# cameras')]
-  for split in SPLITS:
-    if split not in stats and split not in published:
-      continue
-    s = stats.get(split, SplitStats(0, 0, 0))
-    p = published.get(split)
-    rows.append((split,
-                 cell(s.num_ids, p and p.num_ids),
-                 cell(s.num_images, p and p.num_images),
-                 cell(s.num_cams, p and p.num_cams)))
-  widths = [max(len(r[i]) for r in rows) for i in range(4)]
-  lines = [f'{name} statistics' + (' (found / published)' if published else '')]
-  for i, row in enumerate(rows):
-    lines.append('  ' + ' | '.join(c.ljust(w) for c, w in zip(row, widths)))
-    if i == 0:
-      lines.append('  ' + '-+-'.join('-' * w for w in widths))
-  return '\n'.join(lines)
-
-
-def compare_with_published(name: str, stats: Mapping[str, SplitStats],
-                           published: Mapping[str, SplitStats]) -> list[str]:
-  """Logs a warning for every split whose counts differ from the published ones.
-
-  A mismatch is not an error: subsets and test trees are legitimate.
-
-  Args:
-    name: dataset name.
-    stats: split -> found statistics.
-    published: split -> published statistics (cameras None: not compared).
-
-  Returns:
-    The warning messages (empty when everything matches).
-  """
-  messages = []
-  for split in SPLITS:
-    if split not in published:
-      continue
-    p = published[split]
-    s = stats.get(split, SplitStats(0, 0, 0))
-    diffs = []
-    if s.num_ids != p.num_ids:
-      diffs.append(f'{s.num_ids} ids (published {p.num_ids})')
-    if s.num_images != p.num_images:
-      diffs.append(f'{s.num_images} images (published {p.num_images})')
-    if p.num_cams is not None and s.num_cams != p.num_cams:
-      diffs.append(f'{s.num_cams} cameras (published {p.num_cams})')
-    if diffs:
-      messages.append(f'{name}: split {split!r} differs from the published '
-                      f'statistics: {", ".join(diffs)}.')
-  for message in messages:
-    logging.warning('%s', message)
-  return messages
 
 
 def check_query_gallery(spec: DatasetSpec, query: Sequence[Record],
@@ -493,8 +368,8 @@ def build_dataset(name: str, spec: DatasetSpec, *, train: Sequence[Item],
   check_query_gallery(spec, splits['query'], splits['gallery'])
   dataset = ReIDDataset(name=name, train=relabel(splits['train']),
                         query=splits['query'], gallery=splits['gallery'])
-  stats = dataset_stats(dataset)
-  logging.info('%s', stats_table(name, stats, spec.published))
-  compare_with_published(name, stats, spec.published)
+  stats = dataset_stats.dataset_stats(dataset)
+  logging.info('%s', dataset_stats.stats_table(name, stats, spec.published))
+  dataset_stats.compare_with_published(name, stats, spec.published)
   return dataset
 
