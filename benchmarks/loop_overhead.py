@@ -55,6 +55,7 @@ from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top,wron
 from reid_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from reid_jax import preemption  # pylint: disable=g-import-not-at-top,wrong-import-position
 from reid_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from reid_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 # benchmarks/thread_cpu.py: the folder of this script is on sys.path.
 import thread_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -140,8 +141,8 @@ def _time_loop(exp, config, state, workdir: str) -> _Timing:
 
 def _time_bare(exp, config, state, batches, num_steps: int) -> _Timing:
   """p_train_step alone on device-resident batches."""
-  state = train._on_devices(state)  # pylint: disable=protected-access
-  acc = train._on_devices(train._initial_metrics_acc(exp, state, config))  # pylint: disable=protected-access
+  state = step_lib.on_devices(state)
+  acc = step_lib.on_devices(train.initial_metrics_acc(exp.train_step_kwargs, state, config))
   state, acc = exp.p_train_step(state, acc, batches[0])  # warm (compiled already)
   jax.block_until_ready(state)
   threads0, wall, cpu = thread_cpu.snapshot(), time.perf_counter(), time.process_time()

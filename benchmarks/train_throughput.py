@@ -47,7 +47,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -114,8 +113,8 @@ class JaxBench:
       eval_batch: a host uint8 batch laid out (D, b, ...) for the eval step.
     """
     import jax  # pylint: disable=g-import-not-at-top
-    from input_pipeline import device_augment, pipeline  # pylint: disable=g-import-not-at-top
-    from reid_jax import config_lib, models, optim, precision, train  # pylint: disable=g-import-not-at-top
+    from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+    from reid_jax import models, precision, train  # pylint: disable=g-import-not-at-top
     from reid_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
     self.jax, self.args = jax, args
     num_devices = jax.local_device_count()
@@ -127,25 +126,13 @@ class JaxBench:
     print(f'  jax: {num_devices} device(s), compute dtype {np.dtype(dtype).name}, '
           f'conv_input_barrier {model.conv_input_barrier}, {spe} steps per epoch',
           flush=True)
-    lr_fn = optim.create_lr_schedule(config, spe)
-    state = step_lib.create_train_state(
-        jax.random.key(config.seed), model, optim.create_optimizer(config, spe),
-        tuple(config.input.image_size), NUM_CLASSES,
-        use_center=config_lib.uses_center_loss(config),
-        dynamic_scale=precision.create_dynamic_scale(
-            dtype, minimum_scale=config.min_loss_scale))
-    step_kwargs = dict(
-        loss_config=step_lib.LossConfig.from_config(config), learning_rate_fn=lr_fn,
-        augment_config=device_augment.AugmentConfig.from_config(config.input),
-        seed=config.seed, image_dtype=dtype)
-    self.p_train, self.p_eval = step_lib.make_parallel_steps(
-        flip_test=config.test.flip, **step_kwargs)
+    parts = train.build_train_parts(config, model, NUM_CLASSES, spe, dtype)
+    self.p_train, self.p_eval = parts.p_train_step, parts.p_eval_step
     # The training loop's own helpers: the zero metrics accumulator, and the state
     # and accumulator on the devices as the pmapped step returns them (else its
     # second call compiles again).
-    shapes_of = types.SimpleNamespace(train_step_kwargs=step_kwargs)
-    acc = train._initial_metrics_acc(shapes_of, state, config)  # pylint: disable=protected-access
-    self.state, self.acc = train._on_devices((state, acc))  # pylint: disable=protected-access
+    acc = train.initial_metrics_acc(parts.train_step_kwargs, parts.state, config)
+    self.state, self.acc = step_lib.on_devices((parts.state, acc))
     num_steps = args.warmup + args.runs * args.steps
     stream = pipeline.create_train_stream(
         records, config, steps_per_epoch=spe, start_step=0, num_steps=num_steps,

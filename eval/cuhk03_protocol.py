@@ -180,9 +180,9 @@ def cuhk03_samples(q_pids: ArrayLike,
     positive, i.e. an entry from another camera).
   """
   q_pids, g_pids = protocol.as_1d('q_pids', q_pids), protocol.as_1d('g_pids', g_pids)
-  qp, gp = protocol.dense_codes(q_pids, g_pids)
-  qc, gc = protocol.dense_codes(protocol.as_1d('q_camids', q_camids),
-                                protocol.as_1d('g_camids', g_camids))
+  qp, gp, qc, gc = protocol.label_codes(q_pids, g_pids,
+                                        protocol.as_1d('q_camids', q_camids),
+                                        protocol.as_1d('g_camids', g_camids))
   pos_q, pos_g = protocol.positive_pairs(qp, gp, qc, gc)
   queries = np.unique(pos_q)
   if len(queries) == 0:

@@ -82,13 +82,6 @@ def _check(q_feats, g_feats, labels, max_rank, block_size, gallery_block):
   return q_shape[0], g_shape[0], q_shape[1], arrays, int(max_rank)
 
 
-def _label_codes(labels: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
-  """(q pid, g pid, q camera, g camera) codes (`eval.protocol.dense_codes`)."""
-  qp, gp = protocol.dense_codes(labels[0], labels[1])
-  qc, gc = protocol.dense_codes(labels[2], labels[3])
-  return qp, gp, qc, gc
-
-
 def _query_blocks(q_dev: jax.Array, bq: int, distance: str) -> list[tuple[jax.Array, ...]]:
   """The query rows as consecutive blocks of `bq` (zero-padded), prepared for tiles."""
   num_q = q_dev.shape[0]
@@ -262,7 +255,7 @@ def rank_features(q_feats: ArrayLike,
   num_q, num_g, _, labels, max_rank = _check(q_feats, g_feats,
                                              (q_pids, g_pids, q_camids, g_camids),
                                              max_rank, block_size, gallery_block)
-  qp, gp, qc, gc = _label_codes(labels)
+  qp, gp, qc, gc = protocol.label_codes(*labels)
   # Queries are processed in pid order (fewer distinct positives per block);
   # `qperm[i]` is the query at position i.
   qperm = np.argsort(qp, kind='stable')
@@ -424,7 +417,7 @@ def nearest_kept(q_feats: ArrayLike, g_feats: ArrayLike, q_pids: ArrayLike,
     raise ValueError(f'k must be >= 1, got {k}.')
   num_q, num_g, _, labels, _ = _check(q_feats, g_feats, (q_pids, g_pids, q_camids, g_camids),
                                       1, block_size, gallery_block)
-  q_code, g_code = protocol.pid_cam_codes(*_label_codes(labels))
+  q_code, g_code = protocol.pid_cam_codes(*protocol.label_codes(*labels))
   bq, bg, k = min(int(block_size), num_q), min(int(gallery_block), num_g), min(int(k), num_g)
   q_code = np.pad(q_code, (0, -num_q % bq))
   g_code = np.pad(g_code, (0, -num_g % bg), constant_values=-1)

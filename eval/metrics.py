@@ -142,9 +142,7 @@ def _validate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int,
     warnings.warn(f'max_rank={max_rank} exceeds the gallery size {num_g}; '
                   f'clipping it to {num_g}.', stacklevel=4)
     max_rank = num_g
-  qp, gp = proto.dense_codes(q_pids, g_pids)
-  qc, gc = proto.dense_codes(q_camids, g_camids)
-  return qp, gp, qc, gc, int(max_rank)
+  return (*proto.label_codes(q_pids, g_pids, q_camids, g_camids), int(max_rank))
 
 
 @jax.jit

@@ -95,6 +95,14 @@ def dense_codes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return inverse[:len(a)], inverse[len(a):]
 
 
+def label_codes(q_pids: np.ndarray, g_pids: np.ndarray, q_camids: np.ndarray,
+                g_camids: np.ndarray) -> tuple[np.ndarray, ...]:
+  """(q pid, g pid, q camera, g camera) int32 codes (`dense_codes` of each pair)."""
+  qp, gp = dense_codes(q_pids, g_pids)
+  qc, gc = dense_codes(q_camids, g_camids)
+  return qp, gp, qc, gc
+
+
 def pid_cam_codes(qp: np.ndarray, gp: np.ndarray, qc: np.ndarray,
                   gc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Shared int32 codes of the (pid, camera) pairs of queries and gallery.

@@ -170,8 +170,7 @@ def tpr_at_fpr(distmat: ArrayLike,
     if len(arr) != n:
       raise ValueError(f'Length mismatch: distmat has shape {shape} but {name} has '
                        f'{len(arr)} entries.')
-  qp, gp = protocol.dense_codes(labels[0], labels[1])
-  qc, gc = protocol.dense_codes(labels[2], labels[3])
+  qp, gp, qc, gc = protocol.label_codes(*labels)
   q_code, g_code = protocol.pid_cam_codes(qp, gp, qc, gc)
   pos_q, pos_g = protocol.positive_pairs(qp, gp, qc, gc)
   is_jax = isinstance(distmat, jax.Array)

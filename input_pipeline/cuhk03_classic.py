@@ -53,6 +53,17 @@ _WRITABLE = ('the images are extracted once next to cuhk03_release/: use a writa
 _WRITES_IN_FLIGHT = 256
 
 
+
+def image_dir_name(variant: str) -> str:
+  """The folder (in the release's folder) of the extracted images of `variant`."""
+  return f'images_{variant}'
+
+
+def index_file_name(variant: str) -> str:
+  """The index file (in the release's folder) that `extract` writes for `variant`."""
+  return f'cuhk03_classic_{variant}.json'
+
+
 def catalog_name(variant: str, split: int = 0) -> str:
   """The catalog name of a classic split: split 0 has none, e.g. 'cuhk03_classic_labeled'.
 
@@ -165,7 +176,7 @@ def extract(folder: str, variant: str, num_threads: int = 8
   """
   import h5py  # pylint: disable=g-import-not-at-top  (only for the one extraction)
   mat_path = os.path.join(folder, MAT_PATH)
-  image_dir = os.path.join(folder, f'images_{variant}')
+  image_dir = os.path.join(folder, image_dir_name(variant))
   logging.info('CUHK03: extracting the %s images of %s to %s (once).', variant,
                mat_path, image_dir)
   try:
@@ -224,7 +235,7 @@ def extract(folder: str, variant: str, num_threads: int = 8
   index = {'format': _FORMAT, 'variant': variant,
            'identities': [[p, q, names] for p, q, names in identities],
            'testsets': [[list(row) for row in t] for t in testsets]}
-  index_path = os.path.join(folder, f'cuhk03_classic_{variant}.json')
+  index_path = os.path.join(folder, index_file_name(variant))
   tmp = f'{index_path}.tmp{os.getpid()}'
   try:
     with open(tmp, 'w', encoding='utf-8') as f:
@@ -302,7 +313,7 @@ def read_cuhk03_classic(root: str, *, variant: str = 'labeled', split: int = 0,
   """
   check_choice('CUHK03 classic variant', variant, VARIANTS, reader_utils.DatasetError)
   spec = SPECS[variant]
-  index_name = f'cuhk03_classic_{variant}.json'
+  index_name = index_file_name(variant)
   folder, _ = reader_utils.find_root(root, spec, [[MAT_PATH], [index_name]],
                                      candidates=('', 'cuhk03', 'CUHK03'))
   index_path = os.path.join(folder, index_name)
@@ -314,7 +325,7 @@ def read_cuhk03_classic(root: str, *, variant: str = 'labeled', split: int = 0,
     raise reader_utils.DatasetError(
         f'CUHK03 classic split must be in 0..{len(testsets) - 1} (the release has '
         f'{len(testsets)} test sets), got {split}.')
-  image_dir = os.path.join(folder, f'images_{variant}')
+  image_dir = os.path.join(folder, image_dir_name(variant))
   train, test = classic_split(identities, testsets[split], image_dir)
   for part, items in (('train', train), ('test', test)):
     reader_utils.check_files_exist(items, spec=spec, split=part)

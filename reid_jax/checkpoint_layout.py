@@ -8,8 +8,8 @@ top-level keys, `STATE_KEYS`).
 
 Several processes (`jax.distributed`): the state is saved as jax.Arrays replicated
 over all the devices of all processes, which orbax writes with every process taking
-part and every process reads back (`to_saved_tree`, `restore_target`); `all_processes`
-makes the processes agree on a decision. Also the errors and message helpers that
+part and every process reads back (`to_saved_tree`, `restore_target`); the processes
+agree on a decision through `reid_jax.multihost.all_true`. Also the errors and message helpers that
 saving (`checkpoint_save`) and restoring (`checkpoint_restore`) share.
 """
 
@@ -90,10 +90,3 @@ def size_text(num_bytes: int) -> str:
   return (f'{num_bytes / 2**30:.2f} GiB' if num_bytes >= 2**30
           else f'{num_bytes / 2**20:.1f} MiB')
 
-
-def all_processes(ok: bool) -> bool:
-  """True if `ok` holds on every process (a collective on multi-host runs)."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

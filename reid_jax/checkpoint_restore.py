@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from reid_jax import checkpoint_layout as layout
 from reid_jax import checkpoint_save
+from reid_jax import multihost
 from reid_jax.checkpoint_layout import CheckpointCorruptError
 from reid_jax.checkpoint_layout import CheckpointMismatchError
 from reid_jax.checkpoint_layout import NotAReidCheckpointError
@@ -148,7 +149,7 @@ def restore(manager: CheckpointManager, state: Any, step: Optional[int] = None) 
       restored = _restore_step(manager, candidate, state)
     except CheckpointCorruptError as e:
       error = e
-    if layout.all_processes(error is None):
+    if multihost.all_true(error is None):
       path = os.path.join(directory, str(candidate))
       if failed:
         logging.warning('Checkpoint %s: falling back to step %d (%s).',

@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from reid_jax import checkpoint_layout as layout
+from reid_jax import multihost
 from reid_jax.checkpoint_layout import CheckpointSaveError
 
 BEST_DIR = 'best'
@@ -124,7 +125,7 @@ def _check_free_space(directory: str, step: int, args: Any) -> None:
     free = _disk_usage(directory).free
   except OSError:
     free = None  # unknown: let the write try
-  if layout.all_processes(free is None or free >= need):
+  if multihost.all_true(free is None or free >= need):
     return
   raise OSError(errno.ENOSPC, f'Not enough free space for checkpoint step {step}: its '
                 f'arrays need {layout.size_text(need)}, the filesystem has '

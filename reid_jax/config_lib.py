@@ -38,11 +38,6 @@ def num_identities_per_batch(config: ml_collections.ConfigDict) -> int:
   return config.batch_size // config.num_instances
 
 
-def uses_center_loss(config: ml_collections.ConfigDict) -> bool:
-  """Whether config.loss.type has the center loss (`train_step.LossConfig.use_center`)."""
-  return step_lib.LossConfig.from_config(config).use_center
-
-
 def resolve_reference_gpus(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Turns the variant's per-GPU batch semantics into global values, in place.
 
@@ -110,7 +105,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       ('model.pooling', models.POOLINGS),
       ('model.last_stride', layers.LAST_STRIDES),
       ('model.pretrain_choice', convert.PRETRAIN_CHOICES),
-      ('loss.type', step_lib.LOSS_TYPES),
       ('sampler', pipeline.SAMPLERS),
       ('data_format', data_source.DATA_FORMATS),
       ('input.cache', pipeline.CACHE_MODES),
@@ -119,7 +113,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       ('test.distance', distance_lib.DISTANCES),
       ('test.protocol', evaluation.PROTOCOLS)):
     check_choice(f'config.{field}', _field(config, field), allowed, ConfigError)
-  loss = _parsed(step_lib.LossConfig.from_config, config)
+  loss = _parsed(step_lib.LossConfig.from_config, config)  # checks loss.type (LOSS_TYPES)
   _parsed(optim.validate_schedule_config, config.schedule)
   if config.model.pretrained:
     convert.check_pretrained_file(config.model.pretrained, config.model.pretrain_choice)

@@ -252,12 +252,6 @@ def load_pretrained(
   return merge_converted(converted, params, batch_stats, choice=choice, source=path)
 
 
-def file_layout(path: str) -> str:
-  """The layout of a pretrained file: one of `convert_keys.LAYOUTS` ('imagenet': a
-  backbone only; 'strong_baseline': a whole re-ID model)."""
-  return _read_and_convert(path, convert_keys.BACKBONE_FAMILIES)[1].layout
-
-
 def load_pretrained_into_state(path: str, choice: str, state: step_lib.TrainState
                                ) -> step_lib.TrainState:
   """A fresh state with converted PyTorch weights loaded (see `load_pretrained`).
@@ -272,6 +266,39 @@ def load_pretrained_into_state(path: str, choice: str, state: step_lib.TrainStat
   """
   params, batch_stats = load_pretrained(
       path, step_lib.model_params(state.params), state.batch_stats, choice=choice)
+  return _with_variables(state, params, batch_stats)
+
+
+def load_model_into_state(path: str, state: step_lib.TrainState) -> step_lib.TrainState:
+  """A fresh state with all the model a file holds, for evaluation (file read once).
+
+  A re-ID model (a reid-strong-baseline `.pth` or its `.npz`) loads whole, as
+  `choice='self'` (a classifier of another class count is left as given, with a
+  warning: evaluation does not use it); an ImageNet backbone loads as 'imagenet',
+  with a warning that its BNNeck is the fresh one (an identity in eval mode).
+
+  Args:
+    path: a .npz from reid_jax.convert, or a .pth when torch is installed.
+    state: a freshly initialised state; the center-loss centers are kept.
+
+  Returns:
+    The state with the file's weights in its params and BN statistics.
+  """
+  _, converted = _read_and_convert(path, convert_keys.BACKBONE_FAMILIES)
+  choice = 'imagenet' if converted.layout == 'imagenet' else 'self'
+  logging.info('%s: found %s; loading the whole model it holds (pretrain_choice=%r).',
+               path, converted.description, choice)
+  if choice == 'imagenet':
+    logging.warning('%s holds an ImageNet backbone, not a re-ID model: evaluating it '
+                    'with a fresh BNNeck.', path)
+  params, batch_stats = merge_converted(converted, step_lib.model_params(state.params),
+                                        state.batch_stats, choice=choice, source=path)
+  return _with_variables(state, params, batch_stats)
+
+
+def _with_variables(state: step_lib.TrainState, params: Mapping[str, Any],
+                    batch_stats: Mapping[str, Any]) -> step_lib.TrainState:
+  """`state` with the model's params and batch_stats replaced (centers kept)."""
   params = dict(params)
   if step_lib.CENTER_KEY in state.params:
     params[step_lib.CENTER_KEY] = state.params[step_lib.CENTER_KEY]

@@ -109,9 +109,8 @@ def _label(source: data_source.DataSource) -> str:
 
 
 def evaluate_state(p_eval_step: Callable, state: Any,
-                   sources: data_source.DataSource | Sequence[data_source.DataSource],
-                   config: ml_collections.ConfigDict, workdir: str,
-                   write_reports: bool = True) -> dict:
+                   sources: Sequence[data_source.DataSource],
+                   config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates every test set; writes the JSON and the pictures to the workdir.
 
   Each set's features are extracted (progress logged), scored
@@ -124,26 +123,22 @@ def evaluate_state(p_eval_step: Callable, state: Any,
 
   Args:
     p_eval_step: pmapped `train_step.eval_step`.
-    state: the train state, on the devices (see `train._on_devices`).
-    sources: the test sets (`data_source.load_train_test`), or one of them.
+    state: the train state, on the devices (see `train_step.on_devices`).
+    sources: the test sets (`data_source.load_train_test`).
     config: the run's config.
     workdir: where `eval_results.json` and the reports go.
-    write_reports: draw the PNG reports (process 0 only).
 
   Returns:
     {'step', 'eval_seconds', 'test_set', 'test_sets': {label: results}} and the first
     set's results (see `scoring.score`) at the top level; the same on every process (only
     process 0 writes `eval_results.json` and the reports).
   """
-  if isinstance(sources, data_source.DataSource):
-    sources = [sources]
   start = time.time()
   step = int(jax.device_get(state.step))
   sections = {}
   for source in sources:
     sections[_label(source)] = _evaluate_one(p_eval_step, state, source, config, workdir,
-                                             step, several=len(sources) > 1,
-                                             write_reports=write_reports)
+                                             step, several=len(sources) > 1)
   first = next(iter(sections))
   results = dict(sections[first], step=step, eval_seconds=time.time() - start,
                  test_set=first, test_sets=sections)
@@ -161,7 +156,7 @@ def write_results(workdir: str, results: dict) -> None:
 
 def _evaluate_one(p_eval_step: Callable, state: Any, source: data_source.DataSource,
                   config: ml_collections.ConfigDict, workdir: str, step: int, *,
-                  several: bool, write_reports: bool) -> dict:
+                  several: bool) -> dict:
   """Extracts, scores, logs and reports one test set; returns its results."""
   start = time.time()
   test_set, name = source.dataset, _label(source)
@@ -174,8 +169,6 @@ def _evaluate_one(p_eval_step: Callable, state: Any, source: data_source.DataSou
                                        config, source.load_test_image)
 
   def report(arrays: dict) -> None:  # process 0 only
-    if not write_reports:
-      return
     out_dir = os.path.join(workdir, 'eval', name) if several else workdir
     if all(os.path.exists(r.path) for r in test_set.query[:1]):
       os.makedirs(out_dir, exist_ok=True)

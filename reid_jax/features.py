@@ -41,7 +41,7 @@ def extract_features(p_eval_step: Callable, state: Any, records: Sequence[Record
 
   Args:
     p_eval_step: pmapped `train_step.eval_step`.
-    state: the train state, already on the devices (see `train._on_devices`).
+    state: the train state, already on the devices (see `train_step.on_devices`).
     records: images to embed.
     config: the run's config (config.test.batch_size, config.input).
     load_image: image reader hook of `pipeline.create_eval_dataset` (TFDS data).

@@ -136,10 +136,37 @@ def initialize(coordinator_address: Optional[str] = None,
           f'{jax.process_count()}.')
 
 
-def _allgather_int32(values: np.ndarray) -> np.ndarray:
-  """(processes, *values.shape): every process's `values` (a collective)."""
+def allgather(values: np.ndarray) -> np.ndarray:
+  """(processes, *values.shape): every process's non-empty `values` (a collective).
+
+  Any dtype whose items are whole 32-bit words travels bit for bit (as int32 words:
+  float64 is not truncated to float32 by JAX).
+  """
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32)))
+  values = np.ascontiguousarray(values)
+  words = values.reshape(len(values), -1).view(np.int32)
+  out = np.asarray(multihost_utils.process_allgather(words))
+  return out.view(values.dtype).reshape((out.shape[0],) + values.shape)
+
+
+def allgather_varlen(values: np.ndarray) -> list[np.ndarray]:
+  """Every process's 1-D `values` (lengths may differ), in process order (collective)."""
+  lengths = allgather(np.asarray([len(values)], np.int64)).reshape(-1)
+  padded = np.zeros(max(int(lengths.max()), 1), values.dtype)
+  padded[:len(values)] = values
+  return [row[:n] for row, n in zip(allgather(padded), lengths)]
+
+
+def _allgather_int32(values: Any) -> np.ndarray:
+  """(processes, *values.shape): every process's `values` as int32 (a collective)."""
+  return allgather(np.asarray(values, np.int32))
+
+
+def all_true(ok: bool) -> bool:
+  """True if `ok` holds on every process (one small collective; call on all)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(_allgather_int32(np.asarray([ok])).all())
 
 
 def allgather_bytes(data: bytes) -> list[bytes]:
@@ -153,11 +180,8 @@ def allgather_bytes(data: bytes) -> list[bytes]:
   """
   if jax.process_count() == 1:
     return [data]
-  lengths = _allgather_int32(np.asarray([len(data)])).reshape(-1)
-  padded = np.zeros(max(int(lengths.max()), 1), np.int32)
-  padded[:len(data)] = np.frombuffer(data, np.uint8)
-  rows = _allgather_int32(padded)
-  return [bytes(row[:n].astype(np.uint8).tolist()) for row, n in zip(rows, lengths)]
+  rows = allgather_varlen(np.frombuffer(data, np.uint8).astype(np.int32))
+  return [row.astype(np.uint8).tobytes() for row in rows]
 
 
 def broadcast_bytes(data: bytes) -> bytes:
@@ -221,21 +245,12 @@ def _records_digest(records: Sequence[Any]) -> str:
   return h.hexdigest()
 
 
-def _flat_config(config: Any, prefix: str = 'config') -> dict[str, Any]:
-  """{'config.a.b': value} for every leaf field of a ConfigDict (or dict)."""
-  tree = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
-  out = {}
-  for key, value in sorted(tree.items()):
-    if isinstance(value, Mapping):
-      out.update(_flat_config(value, f'{prefix}.{key}'))
-    else:
-      out[f'{prefix}.{key}'] = list(value) if isinstance(value, tuple) else value
-  return out
-
-
 def config_fields(config: Any) -> dict[str, Any]:
-  """{'config.<field>': value} for every leaf field of the config, for `check_agreement`."""
-  return _flat_config(config)
+  """{'config.<field>': value} for every leaf field of the config, for `check_agreement`
+  (tuples as lists)."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {f'config.{k}': list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
 
 
 def data_fields(datasets: Sequence[Any], num_classes: int,

@@ -36,27 +36,6 @@ from reid_jax import multihost
 GATHER_CHUNK_BYTES = 64 * 2**20
 
 
-def _allgather(values: np.ndarray) -> np.ndarray:
-  """(processes, *values.shape): every process's non-empty `values` (a collective).
-
-  Any dtype whose items are whole 32-bit words travels bit for bit (as int32 words:
-  float64 is not truncated to float32 by JAX).
-  """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  values = np.ascontiguousarray(values)
-  words = values.reshape(len(values), -1).view(np.int32)
-  out = np.asarray(multihost_utils.process_allgather(words))
-  return out.view(values.dtype).reshape((out.shape[0],) + values.shape)
-
-
-def allgather_varlen(values: np.ndarray) -> list[np.ndarray]:
-  """Every process's 1-D `values` (lengths may differ), in process order (collective)."""
-  lengths = _allgather(np.asarray([len(values)], np.int64)).reshape(-1)
-  padded = np.zeros(max(int(lengths.max()), 1), values.dtype)
-  padded[:len(values)] = values
-  return [row[:n] for row, n in zip(_allgather(padded), lengths)]
-
-
 def gather_rows(feats: np.ndarray, local_index: np.ndarray,
                 chunk_bytes: int = GATHER_CHUNK_BYTES) -> np.ndarray:
   """Fills `feats` with every process's rows; returns how often each row was sent.
@@ -81,11 +60,11 @@ def gather_rows(feats: np.ndarray, local_index: np.ndarray,
   if jax.process_count() == 1:
     np.add.at(sent, local_index, 1)
     return sent
-  shape = _allgather(np.asarray([num, dim], np.int64))
+  shape = multihost.allgather(np.asarray([num, dim], np.int64))
   if np.any(shape != shape[:1]):
     raise ValueError(f'The processes gather features of different shapes: '
                      f'{[tuple(s) for s in shape.tolist()]}.')
-  counts = _allgather(np.asarray([len(local_index)], np.int64)).reshape(-1)
+  counts = multihost.allgather(np.asarray([len(local_index)], np.int64)).reshape(-1)
   me, count = jax.process_index(), jax.process_count()
   rows = max(1, int(chunk_bytes) // (count * max(dim, 1) * feats.itemsize))
   send = np.zeros((rows, dim), feats.dtype)
@@ -93,8 +72,8 @@ def gather_rows(feats: np.ndarray, local_index: np.ndarray,
     index = local_index[start:start + rows]
     send[:len(index)] = feats[index]
     send[len(index):] = 0
-    got = _allgather(send)
-    got_index = _allgather(np.pad(index, (0, rows - len(index)), constant_values=-1))
+    got = multihost.allgather(send)
+    got_index = multihost.allgather(np.pad(index, (0, rows - len(index)), constant_values=-1))
     for p in range(count):
       valid = got_index[p] >= 0
       np.add.at(sent, got_index[p][valid], 1)
@@ -174,7 +153,7 @@ def rank_sharded(q_feats: np.ndarray, g_feats: np.ndarray, q_pids: np.ndarray,
       query = mine[res.query].astype(np.int64)
       ap, inp = res.ap.astype(np.float64), res.inp.astype(np.float64)
       first = res.first_rank.astype(np.int64)
-  query, ap, inp, first = (np.concatenate(allgather_varlen(a))
+  query, ap, inp, first = (np.concatenate(multihost.allgather_varlen(a))
                            for a in (query, ap, inp, first))
   if not len(query):
     raise ValueError('No query has a valid match in the gallery (same identity '

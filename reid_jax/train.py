@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import ml_collections
@@ -57,13 +57,16 @@ class Experiment:
   train_step_kwargs: dict
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+def build_experiment(config: ml_collections.ConfigDict,
+                     load_pretrained: bool = True) -> Experiment:
   """Validates the config and builds datasets, model, state and the pmapped steps.
 
   Args:
     config: the run's config. With `num_reference_gpus` > 0 it is first resolved in
       place into global values (`config_lib.resolve_reference_gpus`), which the
       caller then reads too (batch sizes, lr, config.json).
+    load_pretrained: load `config.model.pretrained` (if set) into the state, as
+      `config.model.pretrain_choice` says; False leaves it to the caller.
 
   Returns:
     An `Experiment` with a freshly initialised state (not restored).
@@ -77,23 +80,56 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   train_set = train_source.dataset
   num_classes = train_set.num_train_pids
   steps_per_epoch = pipeline.steps_per_epoch(train_set.train, config, num_devices)
-  image_size = tuple(config.input.image_size)
   model = models.create_model(config.model, num_classes, dtype=dtype,
                               bn_axis_name=step_lib.AXIS_NAME)
   # Dense evaluations (re-ranking, CUHK03 protocol) too big for config.test.max_dense_gb
   # are refused now, not after training.
   evaluation.check_test_sets(test_sources, config, model.feature_dim)
+  parts = build_train_parts(config, model, num_classes, steps_per_epoch, dtype)
+  state = parts.state
+  if config.model.pretrained and load_pretrained:
+    state = convert.load_pretrained_into_state(config.model.pretrained,
+                                               config.model.pretrain_choice, state)
+  logging.info('Training %s on %s: %d identities, %d images, %d steps per epoch, '
+               '%d devices.', config.model.name, train_set.name, num_classes,
+               len(train_set.train), steps_per_epoch, num_devices)
+  return Experiment(train_source, tuple(test_sources), state, parts.p_train_step,
+                    parts.p_eval_step, dtype, steps_per_epoch, parts.learning_rate_fn,
+                    parts.train_step_kwargs)
+
+
+class TrainParts(NamedTuple):
+  """What `build_train_parts` builds: the fresh state and the pmapped steps."""
+  state: step_lib.TrainState
+  learning_rate_fn: Any
+  # The keyword arguments `p_train_step` binds to `train_step.train_step`.
+  train_step_kwargs: dict
+  p_train_step: Any
+  p_eval_step: Any
+
+
+def build_train_parts(config: ml_collections.ConfigDict, model: Any, num_classes: int,
+                      steps_per_epoch: int, dtype: Any) -> TrainParts:
+  """The fresh train state, lr schedule and pmapped steps of `model` (reads no data).
+
+  Args:
+    config: the run's (validated) config.
+    model: from `models.create_model(config.model, num_classes, dtype, ...)`.
+    num_classes: training identities.
+    steps_per_epoch: steps in one epoch (the schedule's unit).
+    dtype: the compute dtype (`precision.choose_compute_dtype`).
+
+  Returns:
+    A `TrainParts`; the state is not loaded from a pretrained file.
+  """
   loss_config = step_lib.LossConfig.from_config(config)
   tx = optim.create_optimizer(config, steps_per_epoch)
   learning_rate_fn = optim.create_lr_schedule(config, steps_per_epoch)
   state = step_lib.create_train_state(
-      jax.random.key(config.seed), model, tx, image_size, num_classes,
+      jax.random.key(config.seed), model, tx, tuple(config.input.image_size), num_classes,
       use_center=loss_config.use_center,
       dynamic_scale=precision.create_dynamic_scale(
           dtype, minimum_scale=config.min_loss_scale))
-  if config.model.pretrained:
-    state = convert.load_pretrained_into_state(config.model.pretrained,
-                                               config.model.pretrain_choice, state)
   train_step_kwargs = dict(
       loss_config=loss_config,
       learning_rate_fn=learning_rate_fn,
@@ -101,31 +137,19 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
       seed=config.seed, image_dtype=dtype)
   p_train_step, p_eval_step = step_lib.make_parallel_steps(
       flip_test=config.test.flip, **train_step_kwargs)
-  logging.info('Training %s on %s: %d identities, %d images, %d steps per epoch, '
-               '%d devices.', config.model.name, train_set.name, num_classes,
-               len(train_set.train), steps_per_epoch, num_devices)
-  return Experiment(train_source, tuple(test_sources), state, p_train_step, p_eval_step, dtype,
-                    steps_per_epoch, learning_rate_fn, train_step_kwargs)
+  return TrainParts(state, learning_rate_fn, train_step_kwargs, p_train_step, p_eval_step)
 
 
-def _on_devices(tree: Any) -> Any:
-  """Replicates `tree` over the local devices as the pmapped steps return their state.
-
-  Also with several processes: there, donating a state that is not yet laid out so
-  fails ("Array has been deleted", jax 0.10).
-  """
-  return jax.device_put(tree, step_lib.replicated_sharding())
-
-
-def _initial_metrics_acc(exp: Experiment, state: step_lib.TrainState,
-                         config: ml_collections.ConfigDict) -> dict:
-  """A zero metrics accumulator shaped by what the train step returns."""
+def initial_metrics_acc(train_step_kwargs: dict, state: step_lib.TrainState,
+                        config: ml_collections.ConfigDict) -> dict:
+  """A zero metrics accumulator shaped by what the train step (bound to
+  `train_step_kwargs`, as `p_train_step` is) returns."""
   height, width = config.input.image_size
   per_device = config.batch_size // jax.device_count()
   batch = {'image': jax.ShapeDtypeStruct((1, per_device, height, width, 3), np.uint8),
            **{k: jax.ShapeDtypeStruct((1, per_device), np.int32)
               for k in ('label', 'epoch', 'position')}}
-  step = functools.partial(step_lib.train_step, **exp.train_step_kwargs)
+  step = functools.partial(step_lib.train_step, **train_step_kwargs)
   # vmap over one "device" binds the axis name of the collectives, as pmap does.
   _, metric_shapes = jax.eval_shape(
       jax.vmap(step, in_axes=(None, 0), axis_name=step_lib.AXIS_NAME), state, batch)
@@ -258,7 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def start_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+def start_experiment(config: ml_collections.ConfigDict, workdir: str,
+                     load_pretrained: bool = True) -> Experiment:
   """`build_experiment` on every process together, as training and eval-only start.
 
   Several processes: they build it together (a failure on one stops all) and must
@@ -268,12 +293,13 @@ def start_experiment(config: ml_collections.ConfigDict, workdir: str) -> Experim
   Args:
     config: the run's config.
     workdir: the run's workdir (its saved config, if any, is compared).
+    load_pretrained: see `build_experiment`.
 
   Returns:
     The `Experiment` (its state freshly initialised, not restored).
   """
   with multihost.together('building the experiment'):
-    exp = build_experiment(config)
+    exp = build_experiment(config, load_pretrained)
   _check_processes_agree(exp)
   _warn_if_model_changed(workdir, config, exp.train_source.dataset.num_train_pids)
   return exp
@@ -292,9 +318,9 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
                 watch: preemption.PreemptionWatch) -> dict:
   """The steps from the restored state to the end, then the final evaluation."""
   # On the devices as the step returns it: otherwise its second call compiles again.
-  state = _on_devices(state)
+  state = step_lib.on_devices(state)
   start_step = int(jax.device_get(state.step))
-  acc = _on_devices(_initial_metrics_acc(exp, state, config))
+  acc = step_lib.on_devices(initial_metrics_acc(exp.train_step_kwargs, state, config))
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   steps_per_epoch = exp.steps_per_epoch
@@ -341,7 +367,7 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
       scalars['epoch'] = done / steps_per_epoch
       scalars['eta_minutes'] = (total_steps - done) * elapsed / window_steps / 60
       writer.write_scalars(done, scalars)
-      acc = _on_devices(step_lib.reset_window(host_acc))
+      acc = step_lib.on_devices(step_lib.reset_window(host_acc))
       window_start, window_steps = time.time(), 0
     if policy.should_save(done, time.time()):
       checkpoint_lib.save(manager, state)

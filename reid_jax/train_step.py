@@ -396,6 +396,15 @@ def replicated_sharding() -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+def on_devices(tree: Any) -> Any:
+  """Replicates `tree` over the local devices as the pmapped steps return their state.
+
+  Also with several processes: there, donating a state that is not yet laid out so
+  fails ("Array has been deleted", jax 0.10).
+  """
+  return jax.device_put(tree, replicated_sharding())
+
+
 def create_train_state(rng: jax.Array, model: flax.linen.Module,
                        tx: optax.GradientTransformation, image_size: tuple[int, int],
                        num_classes: int,

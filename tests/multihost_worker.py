@@ -25,6 +25,14 @@ import sys
 import numpy as np
 
 
+def flat_state(state) -> dict:
+  """{'params/...', 'batch_stats/...': numpy array} of a train state (what is compared)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  tree = flax.serialization.to_state_dict(state)
+  return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(
+      {'params': tree['params'], 'batch_stats': tree['batch_stats']}, sep='/').items()}
+
+
 def scoring_problem() -> dict:
   """Random clustered features of several query blocks (600 queries, 2,000 gallery)."""
   rng = np.random.default_rng(0)
@@ -71,7 +79,6 @@ def scoring_check(out: str) -> None:
 
 
 def _install_hooks(out: str) -> None:
-  import flax  # pylint: disable=g-import-not-at-top
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from reid_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   record: dict = {'restored_step': None, 'saved_steps': [], 'scalars': {},
@@ -101,11 +108,7 @@ def _install_hooks(out: str) -> None:
   def recording_save(manager, state, wait=False):
     saved = save(manager, state, wait)
     record['saved_steps'].append(saved)
-    tree = flax.serialization.to_state_dict(state)
-    flat = flax.traverse_util.flatten_dict(
-        {'params': tree['params'], 'batch_stats': tree['batch_stats']}, sep='/')
-    np.savez(os.path.join(out, f'state-{me()}.npz'),
-             **{k: np.asarray(v) for k, v in flat.items()})
+    np.savez(os.path.join(out, f'state-{me()}.npz'), **flat_state(state))
     dump()
     return saved
 
@@ -134,10 +137,10 @@ def _install_hooks(out: str) -> None:
   from reid_jax import train  # pylint: disable=g-import-not-at-top
   fail_build, build = os.environ.get('REID_TEST_FAIL_BUILD', ''), train.build_experiment
 
-  def failing_build(config):
+  def failing_build(config, *args, **kwargs):
     if fail_build == str(me()):
       raise RuntimeError(f'injected failure of build_experiment on process {me()}')
-    return build(config)
+    return build(config, *args, **kwargs)
 
   train.build_experiment = failing_build
   _install_evaluation_hooks(record, dump, out)

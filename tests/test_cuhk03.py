@@ -24,7 +24,7 @@ from input_pipeline import decode
 from input_pipeline import reader_utils
 from reid_jax import evaluation
 from reid_jax import train
-from test_evaluate import centred_model
+from test_evaluate import centred_model, numpy_labels
 from test_train import H, W, tiny_config
 
 # Persons per camera pair (the release: 843, 440, 77, 58, 49).
@@ -300,8 +300,7 @@ def test_evaluation_on_a_classic_split_uses_the_cuhk03_protocol(release, tmp_pat
   assert exp.train_source.dataset.num_train_pids == sum(PAIR_PERSONS) - 5
   # Centre the untrained BNNeck's features on the test images (as training would).
   state, q, g = centred_model(exp, config)
-  (qp, qc), (gp, gc) = [(np.array([r.pid for r in part]), np.array([r.camid for r in part]))
-                        for part in (test_set.query, test_set.gallery)]
+  qp, gp, qc, gc = numpy_labels(exp)
   distmat = distance_matrix(l2_normalize(q), l2_normalize(g), 'euclidean')
   queries, sel = metrics.cuhk03_samples(qp, gp, qc, gc, num_repeats=10, seed=0)
   cuhk03_cmc = reference_cuhk03_cmc(distmat, qp, gp, qc, gc, 5, queries, sel)

@@ -24,6 +24,7 @@ from reid_jax import evaluation
 from reid_jax import features
 from reid_jax import scoring
 from reid_jax import train
+from reid_jax import train_step as step_lib
 from test_train import _RecordingWriter, H, W, tiny_config
 
 
@@ -62,7 +63,7 @@ def centred_model(exp, config):
   """
   test_set = exp.test_sources[0].dataset
   records = list(test_set.query) + list(test_set.gallery)
-  on_devices = train._on_devices  # pylint: disable=protected-access
+  on_devices = step_lib.on_devices
   raw = features.extract_features(exp.p_eval_step, on_devices(exp.state), records, config)
   stats = dict(exp.state.batch_stats)
   stats['bottleneck'] = {'mean': raw.mean(0), 'var': raw.var(0)}
@@ -85,7 +86,8 @@ def _labels(records):
   return np.array([r.pid for r in records]), np.array([r.camid for r in records])
 
 
-def _numpy_labels(exp):
+def numpy_labels(exp):
+  """(q pids, g pids, q cameras, g cameras) of the experiment's first test set."""
   test_set = exp.test_sources[0].dataset
   (qp, qc), (gp, gc) = _labels(test_set.query), _labels(test_set.gallery)
   return qp, gp, qc, gc
@@ -100,7 +102,7 @@ def _evaluate(tiny_model, tmp_path, **overrides):
 
 def test_feature_path_equals_numpy_reference_for_both_distances(tiny_model, tmp_path):
   _, _, q, g, _ = tiny_model
-  labels = _numpy_labels(tiny_model.exp)
+  labels = numpy_labels(tiny_model.exp)
   refs = {}
   for distance in ('euclidean', 'cosine'):
     out = _evaluate(tiny_model, tmp_path / distance, **{
@@ -126,7 +128,7 @@ def test_feature_path_equals_numpy_reference_for_both_distances(tiny_model, tmp_
 
 def test_aqe_and_tpr_at_fpr_from_the_config(tiny_model, tmp_path):
   _, _, q, g, _ = tiny_model
-  labels = _numpy_labels(tiny_model.exp)
+  labels = numpy_labels(tiny_model.exp)
   out = _evaluate(tiny_model, tmp_path, **{
       'test.distance': 'cosine', 'test.aqe': True, 'test.aqe_k': 3, 'test.aqe_times': 2,
       'test.aqe_alpha': 2.0, 'test.tpr_at_fpr': True})
@@ -147,7 +149,7 @@ def test_aqe_and_tpr_at_fpr_from_the_config(tiny_model, tmp_path):
 
 def test_cuhk03_protocol_is_chosen_from_the_config(tiny_model, tmp_path):
   exp, state, q, g, data_dir = tiny_model
-  qp, gp, qc, gc = _numpy_labels(exp)
+  qp, gp, qc, gc = numpy_labels(exp)
   distmat = distance_matrix(l2_normalize(q), l2_normalize(g), 'euclidean')
   queries, sel = metrics.cuhk03_samples(qp, gp, qc, gc, num_repeats=10, seed=0)
   cuhk03_cmc = reference_cuhk03_cmc(distmat, qp, gp, qc, gc, 5, queries, sel)
@@ -190,7 +192,7 @@ def test_two_test_sets_in_one_training_run(data_dir, tmp_path_factory, monkeypat
   assert list(results['test_sets']) == ['a', 'b'] and saved['test_set'] == 'a'
   # Each set against the numpy reference on the trained state's features.
   exp = train.build_experiment(config)
-  state = train._on_devices(  # pylint: disable=protected-access
+  state = step_lib.on_devices(
       checkpoint_lib.restore(checkpoint_lib.create_manager(str(workdir)), exp.state))
   for name, source in zip(('a', 'b'), exp.test_sources):
     test_set = source.dataset

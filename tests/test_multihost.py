@@ -25,8 +25,9 @@ from reid_jax import evaluation
 from reid_jax import multihost
 from reid_jax import multihost_eval
 from reid_jax import train
+from reid_jax import train_step as step_lib
 from test_train import data_dir  # pylint: disable=unused-import  (the synthetic dataset)
-from test_train import TINY as train_tiny, tiny_config
+from test_train import _RecordingWriter, TINY as train_tiny, tiny_config
 
 # The tiny run of tests/test_train.py, 3 epochs of 2 steps, evaluated at the end only.
 TINY = dict(train_tiny, num_epochs=3, eval_every_epochs=3)
@@ -65,12 +66,6 @@ def _state(out, i):
     return dict(f)
 
 
-def _flat_state(state):
-  tree = flax.serialization.to_state_dict(jax.device_get(state))
-  return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(
-      {'params': tree['params'], 'batch_stats': tree['batch_stats']}, sep='/').items()}
-
-
 def _assert_states_close(a, b, what):
   assert sorted(a) == sorted(b), what
   for key in a:
@@ -83,35 +78,28 @@ def one_process_four_devices(data_dir, tmp_path_factory):
   """The reference: this process (4 CPU devices), same config: final state, losses,
   results, a state template and the experiment (its compiled evaluation step)."""
   assert jax.process_count() == 1 and jax.device_count() == 4
-  saved, logged, built = {}, {}, []
-
-  class Writer:
-
-    def write_scalars(self, step, scalars):
-      logged.setdefault(step, {}).update(scalars)
-
-    def flush(self):
-      pass
+  saved, built = {}, []
+  writer = _RecordingWriter()
 
   save = checkpoint_lib.save
 
   def recording_save(manager, state, wait=False):
-    saved['state'], saved['template'] = _flat_state(state), jax.device_get(state)
+    saved['state'], saved['template'] = multihost_worker.flat_state(state), jax.device_get(state)
     return save(manager, state, wait)
 
   build = train.build_experiment
 
-  def recording_build(config):
-    built.append(build(config))
+  def recording_build(config, *args, **kwargs):
+    built.append(build(config, *args, **kwargs))
     return built[-1]
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train.metric_writers, 'create_default_writer', lambda *a, **k: Writer())
+    mp.setattr(train.metric_writers, 'create_default_writer', lambda *a, **k: writer)
     mp.setattr(checkpoint_lib, 'save', recording_save)
     mp.setattr(train, 'build_experiment', recording_build)
     results = train.train_and_evaluate(_config(data_dir),
                                        str(tmp_path_factory.mktemp('one_process')))
-  return saved['state'], logged, results, saved['template'], built[-1]
+  return saved['state'], writer.scalars, results, saved['template'], built[-1]
 
 
 @pytest.fixture(scope='module')
@@ -145,7 +133,7 @@ def one_process_evaluation(data_dir, two_processes, one_process_four_devices,
   manager = checkpoint_lib.create_manager(two_processes[0], read_only=True)
   state = checkpoint_lib.restore(manager, template)
   assert int(state.step) == TOTAL_STEPS
-  return evaluation.evaluate_state(exp.p_eval_step, train._on_devices(state),  # pylint: disable=protected-access
+  return evaluation.evaluate_state(exp.p_eval_step, step_lib.on_devices(state),
                                    exp.test_sources, _config(data_dir),
                                    str(tmp_path_factory.mktemp('one_process_eval')))
 
@@ -251,7 +239,8 @@ def test_two_processes_train_equal_to_one_process_with_four_devices(
   # What orbax saved with both processes restores here, in one process.
   restored = checkpoint_lib.restore(checkpoint_lib.create_manager(workdir), template)
   assert int(restored.step) == TOTAL_STEPS
-  _assert_states_close(_flat_state(restored), _state(out, 0), 'checkpoint vs process 0')
+  _assert_states_close(multihost_worker.flat_state(restored), _state(out, 0),
+                       'checkpoint vs process 0')
   with open(os.path.join(workdir, 'eval_results.json')) as f:
     assert json.load(f)['mAP'] == pytest.approx(reference_results['mAP'], abs=1e-4)
   # One log: process 0's table names both processes' devices; process 1 logs no INFO.
