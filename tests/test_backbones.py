@@ -59,14 +59,6 @@ TORCH_FAMILY = {
 FC = 2048 * 1000 + 1000
 
 
-def assert_close_to_scale(actual, expected, rel=1e-4):
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
-  scale = float(np.max(np.abs(expected)))
-  assert scale > 0
-  np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)
-
-
 def nchw(x):
   return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
@@ -221,8 +213,8 @@ def test_backbone_matches_torch(name, last_stride):
 
   out_eval, out_train, new_stats = run({'params': params, 'batch_stats': stats}, x)
   assert out_eval.shape[-1] == 4 * TINY_WIDTH * 8
-  assert_close_to_scale(out_eval, expected_eval)
-  assert_close_to_scale(out_train, expected_train)
+  torch_reference.assert_close_to_scale(out_eval, expected_eval)
+  torch_reference.assert_close_to_scale(out_train, expected_train)
 
   _, expected_stats = convert_keys.torch_state_dict_to_flax(expected_sd)
   got = dict(jax.tree_util.tree_leaves_with_path(new_stats))
@@ -233,22 +225,12 @@ def test_backbone_matches_torch(name, last_stride):
                                err_msg=jax.tree_util.keystr(path))
 
 
-def save_torch(path, state_dict, prefix=''):
-  torch.save({prefix + k: v for k, v in state_dict.items()}, path)
-  return str(path)
-
-
 def test_se_resnext50_strong_baseline_checkpoint_matches_torch(tmp_path):
   """A full-size BoT SE-ResNeXt-50 checkpoint (base.*, BNNeck, classifier)."""
   base = torch_reference.make_torch_backbone('se_resnext', (3, 4, 6, 3), 1, seed=7)
-  net = torch_reference.TorchStrongBaseline(base, 2048, num_classes=7)
-  gen = torch.Generator().manual_seed(8)
-  with torch.no_grad():
-    net.classifier.weight.copy_(0.05 * torch.randn((7, 2048), generator=gen))
-    net.bottleneck.weight.copy_(0.5 + torch.rand(2048, generator=gen))
-    net.bottleneck.running_mean.copy_(torch.rand(2048, generator=gen))
-    net.bottleneck.running_var.copy_(0.5 + torch.rand(2048, generator=gen))
-  path = save_torch(tmp_path / 'bot.pth', net.state_dict(), 'module.')
+  net = torch_reference.randomize_head(
+      torch_reference.TorchStrongBaseline(base, 2048, num_classes=7), seed=8)
+  path = torch_reference.save_torch(tmp_path / 'bot.pth', net.state_dict(), 'module.')
   model = models.create_model(ml_collections.ConfigDict(dict(
       name='se_resnext50', last_stride=1, neck='bnneck', neck_feat='after',
       pooling='avg', gem_p=3.0, stage_sizes=(), width=64)), num_classes=7)
@@ -272,7 +254,7 @@ def test_se_resnext50_strong_baseline_checkpoint_matches_torch(tmp_path):
   actual = run({'params': params, 'batch_stats': stats}, x)
   assert actual[0].shape == (4, 2048)
   for a, e in zip(actual, (feat, logits, global_feat)):
-    assert_close_to_scale(a, e)
+    torch_reference.assert_close_to_scale(a, e)
 
 
 def test_cross_device_equals_single_device():
@@ -298,8 +280,8 @@ def test_cross_device_equals_single_device():
   (logits_ref, feat_ref), updated_ref = jax.jit(
       lambda v, x: single.apply(v, x, train=True, mutable=['batch_stats']))(
           variables, x)
-  assert_close_to_scale(np.asarray(logits).reshape(logits_ref.shape), logits_ref)
-  assert_close_to_scale(np.asarray(feat).reshape(feat_ref.shape), feat_ref)
+  torch_reference.assert_close_to_scale(np.asarray(logits).reshape(logits_ref.shape), logits_ref)
+  torch_reference.assert_close_to_scale(np.asarray(feat).reshape(feat_ref.shape), feat_ref)
   got = jax.tree_util.tree_map(lambda a: np.asarray(a)[0], updated)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-4, atol=1e-5), got, updated_ref)
@@ -348,7 +330,7 @@ def test_depth_and_backbone_mismatches_are_reported():
 
 def test_cli_backbone_check(tmp_path, capsys):
   sd = meta_state_dict('se_resnext50')
-  src = save_torch(tmp_path / 'se_resnext50_32x4d.pth',
+  src = torch_reference.save_torch(tmp_path / 'se_resnext50_32x4d.pth',
                    {k: torch.from_numpy(v) for k, v in sd.items()})
   out = tmp_path / 'x.npz'
   convert.main(['--src', src, '--out', str(out), '--depth', '50',

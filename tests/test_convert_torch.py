@@ -14,14 +14,6 @@ from reid_jax import models
 from test_convert import TINY_WIDTH, assert_same, random_variables, tiny_model
 
 
-def assert_close_to_scale(actual, expected, rel=1e-4):
-  """max |actual - expected| <= rel * max |expected| (the feature scale)."""
-  actual, expected = np.asarray(actual), np.asarray(expected)
-  assert actual.shape == expected.shape
-  err, scale = np.abs(actual - expected).max(), np.abs(expected).max()
-  assert err <= rel * scale, (err, scale)
-
-
 def torch_outputs(torch, net, x):
   """(feature before the neck, after it, logits) of a torch Baseline in eval mode."""
   with torch.no_grad():
@@ -44,12 +36,6 @@ def flax_outputs(model, params, stats, x):
   return before, after, logits
 
 
-def save_torch(torch, path, state_dict, prefix='', wrapper=None):
-  obj = {prefix + k: v for k, v in state_dict.items()}
-  torch.save({wrapper: obj} if wrapper else obj, path)
-  return str(path)
-
-
 @pytest.mark.parametrize('last_stride', [1, 2])
 def test_resnet50_strong_baseline_matches_torch(tmp_path, last_stride):
   torch = pytest.importorskip('torch')
@@ -57,9 +43,9 @@ def test_resnet50_strong_baseline_matches_torch(tmp_path, last_stride):
   net = torch_reference.make_torch_strong_baseline((3, 4, 6, 3), last_stride,
                                                    num_classes=7, seed=last_stride)
   sd = net.state_dict()
-  paths = [save_torch(torch, tmp_path / 'plain.pth', sd),
-           save_torch(torch, tmp_path / 'ddp.pth', sd, 'module.'),
-           save_torch(torch, tmp_path / 'ckpt.pth', sd, 'module.', 'state_dict')]
+  paths = [torch_reference.save_torch(tmp_path / 'plain.pth', sd),
+           torch_reference.save_torch(tmp_path / 'ddp.pth', sd, 'module.'),
+           torch_reference.save_torch(tmp_path / 'ckpt.pth', sd, 'module.', 'state_dict')]
   model = models.ReIDModel(num_classes=7, last_stride=last_stride)
   x = np.random.default_rng(0).standard_normal((2, 64, 32, 3)).astype(np.float32)
   given = random_variables(model, image_shape=(1, 64, 32, 3))
@@ -70,7 +56,7 @@ def test_resnet50_strong_baseline_matches_torch(tmp_path, last_stride):
   actual = flax_outputs(model, *loaded[last_stride - 1], x)
   assert expected[0].shape == (2, 2048) and expected[2].shape == (2, 7)
   for a, e in zip(actual, expected):
-    assert_close_to_scale(a, e)
+    torch_reference.assert_close_to_scale(a, e)
 
 
 def test_tiny_neck_no_strong_baseline_matches_torch(tmp_path):
@@ -79,7 +65,7 @@ def test_tiny_neck_no_strong_baseline_matches_torch(tmp_path):
   stages = (1, 1, 1, 1)  # the torch ResNet has 4 stages
   net = torch_reference.make_torch_strong_baseline(
       stages, 2, num_classes=5, seed=3, width=TINY_WIDTH, neck='no')
-  path = save_torch(torch, tmp_path / 'no_neck.pth', net.state_dict(), 'module.')
+  path = torch_reference.save_torch(tmp_path / 'no_neck.pth', net.state_dict(), 'module.')
   model = tiny_model(num_classes=5, stage_sizes=stages, neck='no', last_stride=2)
   params, stats = convert.load_pretrained(path, *random_variables(model),
                                           choice='self')
@@ -88,8 +74,8 @@ def test_tiny_neck_no_strong_baseline_matches_torch(tmp_path):
     feat = net(torch.from_numpy(x.transpose(0, 3, 1, 2)))
     logits = net.classifier(feat)
   actual = flax_outputs(model, params, stats, x)
-  assert_close_to_scale(actual[0], feat.numpy())
-  assert_close_to_scale(actual[2], logits.numpy())
+  torch_reference.assert_close_to_scale(actual[0], feat.numpy())
+  torch_reference.assert_close_to_scale(actual[2], logits.numpy())
   # A BNNeck model cannot take a neck='no' file (and says why, in one error).
   with pytest.raises(ValueError, match='(?s)missing params bottleneck/scale.*'
                      r'unexpected params classifier/bias \(torch classifier\.bias\)'):

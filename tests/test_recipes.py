@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from input_pipeline import data_source
 from input_pipeline import device_augment
@@ -30,6 +29,7 @@ from reid_jax import train_step as step_lib
 from test_train_step import (  # pylint: disable=g-bad-import-order
     IMAGE_SIZE, NUM_CLASSES, NUM_DEVICES, _assert_trees_close, _config, _shard, _state,
     _steps)
+from test_datasets import write_tree  # pylint: disable=g-bad-import-order
 
 # The variant's SOLVER.STEPS, as written in every one of its YAMLs.
 STEPS = (20, 30, 45, 60, 75, 90, 105, 120, 135, 150, 165, 180, 195, 210, 225, 240, 255)
@@ -296,21 +296,15 @@ def test_train_step_with_identities_spanning_devices_equals_one_device():
 # --- The generic folder reader's options from the config. ---
 
 
-def _write(folder, names):
-  os.makedirs(folder, exist_ok=True)
-  pixel = Image.new('RGB', (4, 8), (120, 30, 200))
-  for name in names:
-    pixel.save(os.path.join(folder, name))
-
-
 def test_folder_reader_options_come_from_the_config(tmp_path):
   # The variant's VeRi-Wild layout: pre-renamed train/query/test folders of
   # (pid)_c(camid)_(iid).jpg, the query folder given relative to the root with '..'.
   root = tmp_path / 'veriwild'
-  _write(root / 'train', ['00001_c001_1.jpg', '00001_c002_2.jpg', '00007_c003_3.jpg',
-                          '00007_c010_4.jpg', '-1_c001_5.jpg'])
-  _write(tmp_path / 'renamed' / 'query', ['00003_c002_6.jpg'])
-  _write(root / 'test', ['00003_c011_7.jpg', '00004_c002_8.jpg', '-1_c002_9.jpg'])
+  write_tree(str(root), {
+      'train': ['00001_c001_1.jpg', '00001_c002_2.jpg', '00007_c003_3.jpg',
+                '00007_c010_4.jpg', '-1_c001_5.jpg'],
+      'test': ['00003_c011_7.jpg', '00004_c002_8.jpg', '-1_c002_9.jpg']})
+  write_tree(str(tmp_path / 'renamed'), {'query': ['00003_c002_6.jpg']})
   config = _recipe('syncbn_veriwild')
   config.data_dir = str(root)
   config.folder.query_dir = '../renamed/query'
@@ -326,9 +320,8 @@ def test_folder_reader_options_come_from_the_config(tmp_path):
   assert records(test.gallery) == [('00003_c011_7.jpg', 3, 10), ('00004_c002_8.jpg', 4, 1)]
   # Another pattern and other folder names, from the config alone.
   other = tmp_path / 'other'
-  _write(other / 'tr', ['5-cam2.png', '6-cam1.png'])
-  _write(other / 'q', ['5-cam1.png'])
-  _write(other / 'g', ['5-cam2.png'])
+  write_tree(str(other), {'tr': ['5-cam2.png', '6-cam1.png'], 'q': ['5-cam1.png'],
+                          'g': ['5-cam2.png']})
   config.data_dir = str(other)
   config.folder.train_dir, config.folder.query_dir, config.folder.gallery_dir = 'tr', 'q', 'g'
   config.folder.pattern = r'(\d+)-cam(\d+)'

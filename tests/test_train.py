@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from eval_reference import reference_market
+from eval_reference import distance_matrix, l2_normalize, reference_market
 from input_pipeline import data_source
 from input_pipeline import pipeline
 from input_pipeline import synthetic
@@ -100,12 +100,10 @@ def _reference_map(embed, test_set, config):
   def features(records):
     images = np.stack([(np.asarray(Image.open(r.path).convert('RGB'), np.float32) / 255
                         - mean) / std for r in records]).astype(np.float32)
-    feats = embed(images)
-    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    return l2_normalize(embed(images))
 
   q, g = test_set.query, test_set.gallery
-  qf, gf = features(q), features(g)
-  distmat = (qf ** 2).sum(1)[:, None] + (gf ** 2).sum(1)[None] - 2 * qf @ gf.T
+  distmat = distance_matrix(features(q), features(g), 'euclidean')
   return reference_market(distmat, np.array([r.pid for r in q]),
                           np.array([r.pid for r in g]), np.array([r.camid for r in q]),
                           np.array([r.camid for r in g]), len(g))[1]

@@ -23,6 +23,7 @@ torch is missing (`pytest.importorskip('torch')`).
 import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 tnn = torch.nn
@@ -218,12 +219,19 @@ def make_torch_strong_baseline(layers, last_stride, num_classes, seed, width=64,
   base = make_torch_resnet(TorchBottleneck, layers, last_stride, width, seed)
   in_planes = width * 2**(len(layers) - 1) * TorchBottleneck.expansion
   net = TorchStrongBaseline(base, in_planes, num_classes, neck)
-  gen = torch.Generator().manual_seed(seed + 2)
+  return randomize_head(net, seed + 2)
+
+
+def randomize_head(net, seed):
+  """Random classifier weights (and bias with neck='no') and BNNeck weight and running
+  statistics of a `TorchStrongBaseline`, drawn in that order; returns it in eval mode."""
+  gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     net.classifier.weight.copy_(0.05 * torch.randn(
         net.classifier.weight.shape, generator=gen))
-    if neck == 'no':
-      net.classifier.bias.copy_(0.1 * torch.randn(num_classes, generator=gen))
+    if net.neck == 'no':
+      net.classifier.bias.copy_(0.1 * torch.randn(net.classifier.out_features,
+                                                  generator=gen))
     else:
       c = net.bottleneck.num_features
       net.bottleneck.weight.copy_(0.5 + torch.rand(c, generator=gen))
@@ -379,3 +387,24 @@ def make_torch_backbone(name, layers, last_stride=1, width=64, seed=0,
                      inplanes * width // 64, input_3x3, ds_k, ds_p, last_stride,
                      width, num_classes=num_classes)
   return randomize_(net, seed + 1) if randomize else net
+
+
+# --------------------------------------------------------------------------
+# Helpers of the tests that compare converted models with these references.
+
+
+def assert_close_to_scale(actual, expected, rel=1e-4):
+  """max |actual - expected| <= rel * max |expected| (the feature scale)."""
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.shape == expected.shape
+  scale = float(np.max(np.abs(expected)))
+  assert scale > 0
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * scale)
+
+
+def save_torch(path, state_dict, prefix='', wrapper=None):
+  """Saves `state_dict` with `prefix` on every key (e.g. DataParallel's 'module.'),
+  under `{wrapper: ...}` when given (a checkpoint dict); returns the path."""
+  obj = {prefix + k: v for k, v in state_dict.items()}
+  torch.save({wrapper: obj} if wrapper else obj, path)
+  return str(path)
