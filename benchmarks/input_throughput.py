@@ -10,6 +10,10 @@ interleaved (run i of every loader, then run i + 1, ...):
     `device_augment.augment` under `jax.pmap` on the (CPU) devices.
   * cached: the same with `cache='host'`, timed after its first epoch (which
     fills the cache): every batch is a gather from the uint8 cache.
+  * device cache: `cache='device'`: every image decoded once into a padded uint8
+    copy on each device (`device_cache.fill_device_cache`, before the timings);
+    the stream ships only the plan (record indices, labels, epoch, position) and
+    `device_cache.augment_cached` crops each image straight out of the cache.
   * PIL: what the PyTorch baselines do: a `multiprocessing.Pool` of workers,
     each building whole batches with PIL (resize, flip, pad, crop) and numpy
     (normalise, erase), the float32 batches pickled back to the main process,
@@ -19,9 +23,10 @@ Each figure is the median over --runs runs; every run ends when the last
 augmented batch is ready on the devices. Also printed: the host-only rates (no
 devices, no augmentation) of the stream and the cached path, the cached path's
 delivery to the devices without augmentation, the device augmentation alone on
-a batch already on the devices (the cached path's ceiling here), and for every row the images per
-CPU-second (CPU time of all threads of this process, plus the PIL workers'),
-i.e. images/s per core, which a shared machine disturbs less than wall time.
+a batch already on the devices (the host cache's ceiling here: no host work at
+all), the device cache's fill rate, and for every row the images per CPU-second
+(CPU time of all threads of this process, plus the PIL workers'), i.e. images/s
+per core, which a shared machine disturbs less than wall time.
 
 Usage:
   python benchmarks/input_throughput.py [--num_images 2048] [--steps 40]
@@ -32,7 +37,7 @@ Usage:
 The JAX devices are `--devices` virtual CPU devices (XLA_FLAGS is set below,
 before JAX starts, with `reid_jax.cpu_tuning`'s flags as `reid_jax.main` sets
 them): the augmentation shares the machine's cores with the host pipeline. Run it
-on an otherwise idle machine for meaningful numbers. The cached path's CPU time
+on an otherwise idle machine for meaningful numbers. The cached paths' CPU time
 is also split by thread (the XLA CPU devices and their pool, the prefetch
 thread, tf.data, the main thread), summed over its runs.
 """
@@ -193,6 +198,7 @@ class Bench:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from configs import default  # pylint: disable=g-import-not-at-top
     from input_pipeline import device_augment  # pylint: disable=g-import-not-at-top
+    from input_pipeline import device_cache  # pylint: disable=g-import-not-at-top
     from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
     from input_pipeline.records import Record  # pylint: disable=g-import-not-at-top
     self.jax, self.pipeline = jax, pipeline
@@ -211,6 +217,12 @@ class Bench:
       return device_augment.augment(image, keys, cfg, dtype)
 
     self.p_aug = jax.pmap(aug)
+
+    def aug_cached(cache, index, epoch, position):
+      keys = device_augment.image_keys(seed, epoch, position)
+      return device_cache.augment_cached(cache, index, keys, cfg, dtype)
+
+    self.p_aug_cached = jax.pmap(aug_cached, in_axes=(None, 0, 0, 0))
     mesh = jax.sharding.Mesh(np.asarray(self.devices), ('batch',))
     self.sharding = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec('batch'))
@@ -219,6 +231,15 @@ class Bench:
     warm = self.p_aug(np.zeros((d, b) + _SIZE + (3,), np.uint8),
                       np.zeros((d, b), np.int32), np.zeros((d, b), np.int32))
     warm.block_until_ready()  # compiled once, outside the timings
+    from input_pipeline import image_check  # pylint: disable=g-import-not-at-top
+    start = time.perf_counter()
+    self.image_cache = device_cache.fill_device_cache(
+        image_check.image_chunks(self.records, _SIZE), len(self.records), _SIZE,
+        config.input.padding)
+    self.fill_rate = len(self.records) / (time.perf_counter() - start)
+    self.p_aug_cached(self.image_cache, np.zeros((d, b), np.int32),
+                      np.zeros((d, b), np.int32), np.zeros((d, b), np.int32)
+                      ).block_until_ready()
     rng = np.random.default_rng(0)
     paths = [p for p, _ in items]
     pids = [pid for _, pid in items]
@@ -266,6 +287,19 @@ class Bench:
   def cached_devices(self) -> Rate:
     steps = self.args.cached_steps
     return self._to_devices(self._stream('host', self.spe + steps), self.spe, steps)
+
+  def device_cached(self) -> Rate:
+    """The device cache: the stream ships the plan, the devices crop from the cache."""
+    steps = self.args.cached_steps
+    stream = self._stream('device', steps + 1)
+    it = self.pipeline.prefetch_to_device(stream, size=2, devices=self.devices,
+                                          keys=stream.device_keys)
+    step = lambda b: self.p_aug_cached(self.image_cache, b['index'], b['epoch'],  # pylint: disable=unnecessary-lambda-assignment
+                                       b['position'])
+    step(next(it)).block_until_ready()
+    rate = self._timed_device_steps(lambda _: step(next(it)), steps)
+    it.close()
+    return rate
 
   def cached_delivery(self) -> Rate:
     steps = self.args.cached_steps
@@ -356,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench = Bench(args, items)
     names = {'stream -> devices (augmented)': bench.stream_devices,
              'cached -> devices (augmented)': bench.cached_devices,
+             'device cache (augmented)': bench.device_cached,
              f'PIL Pool({args.workers}) -> devices': bench.pil_devices,
              'stream, host only': bench.stream_host,
              'cached, host only': bench.cached_host,
@@ -379,8 +414,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f'{name:32s} {wall:9.0f} images/s   {cpu:8.0f} images per CPU-second   (runs: {runs})')
   pil = medians[f'PIL Pool({args.workers}) -> devices']
   print(f'ratio stream / PIL: {medians["stream -> devices (augmented)"] / pil:.2f}   '
-        f'cached / PIL: {medians["cached -> devices (augmented)"] / pil:.2f}')
-  for name in ('cached -> devices (augmented)', 'cached -> devices, no augment'):
+        f'cached / PIL: {medians["cached -> devices (augmented)"] / pil:.2f}   '
+        f'device cache / PIL: {medians["device cache (augmented)"] / pil:.2f}')
+  print(f'device cache fill (once, before the timings): {bench.fill_rate:.0f} images/s')
+  for name in ('cached -> devices (augmented)', 'device cache (augmented)',
+               'cached -> devices, no augment'):
     groups = collections.Counter()
     for r in results[name]:
       groups.update(r[3])

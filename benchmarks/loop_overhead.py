@@ -5,7 +5,8 @@ Both run the same compiled `p_train_step` (ResNet-18 at 128x64, global batch 64,
 batches, in the same process, interleaved (loop, bare, loop, bare, ...):
 
   * loop: `reid_jax.train._train_loop` as `train_and_evaluate` runs it: the host
-    input stream (tf.data decode + resize, uint8, host cache), the background
+    input stream (tf.data decode + resize, uint8, the cache of `--cache`: by
+    default the host cache; 'device': the device cache), the background
     prefetch to the devices, the step with device augmentation, the on-device
     metric accumulation, logging every `--log_every` steps and at epoch ends, the
     checkpoint policy's host checks, over `--epochs` epochs so that epoch
@@ -25,6 +26,7 @@ tf.data, the prefetch thread, the main thread).
 Usage:
   python benchmarks/loop_overhead.py [--runs 5] [--epochs 4] [--steps_per_epoch 5]
       [--data_dir DIR]   (default: a synthetic dataset generated in a temp dir)
+      [--cache host|device|none|auto]
   python benchmarks/loop_overhead.py --quick   (a 1-block, width-8 ResNet at 64x32,
       global batch 32: a smoke run of the benchmark in about a minute; its overhead
       is not the goal's figure, the step being ~100x shorter)
@@ -50,6 +52,7 @@ cpu_tuning.set_cpu_xla_flags()
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from input_pipeline import cache as cache_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 from reid_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -80,7 +83,7 @@ def _config(data_dir: str, args: argparse.Namespace):
   config.checkpoint_every_epochs = 1000
   config.checkpoint_every_minutes = 0.0
   config.eval_every_epochs = 1000
-  config.input.cache = 'host'
+  config.input.cache = args.cache
   return config
 
 
@@ -139,15 +142,16 @@ def _time_loop(exp, config, state, workdir: str) -> _Timing:
                  thread_cpu.by_group(threads0, threads1, cpu1 - cpu0))
 
 
-def _time_bare(exp, config, state, batches, num_steps: int) -> _Timing:
-  """p_train_step alone on device-resident batches."""
+def _time_bare(exp, config, state, batches, num_steps: int, image_cache=None) -> _Timing:
+  """p_train_step alone on device-resident batches (and the device cache, if any)."""
   state = step_lib.on_devices(state)
   acc = step_lib.on_devices(train.initial_metrics_acc(exp.train_step_kwargs, state, config))
-  state, acc = exp.p_train_step(state, acc, batches[0])  # warm (compiled already)
+  state, acc = exp.p_train_step(state, acc, batches[0], image_cache)  # warm (compiled)
   jax.block_until_ready(state)
   threads0, wall, cpu = thread_cpu.snapshot(), time.perf_counter(), time.process_time()
   for i in range(num_steps):
-    state, acc = exp.p_train_step(state, acc, batches[1 + i % (len(batches) - 1)])
+    state, acc = exp.p_train_step(state, acc, batches[1 + i % (len(batches) - 1)],
+                                  image_cache)
   jax.block_until_ready((state, acc))
   cpu = time.process_time() - cpu
   return _Timing(num_steps, (time.perf_counter() - wall) / num_steps, cpu / num_steps,
@@ -174,6 +178,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--steps_per_epoch', type=int, default=5)
   parser.add_argument('--log_every', type=int, default=5)
   parser.add_argument('--data_dir', default='')
+  parser.add_argument('--cache', default='host', choices=cache_lib.CACHE_MODES,
+                      help="config.input.cache of both sides ('device': the loop fills "
+                      'the device cache at its start, before the timed epochs)')
   args = parser.parse_args(argv)
   for name in ('runs', 'steps_per_epoch', 'log_every'):
     if getattr(args, name) < 1:
@@ -199,14 +206,17 @@ def main(argv=None) -> int:
       exp.train_source.dataset.train, config, steps_per_epoch=exp.steps_per_epoch,
       start_step=0, num_steps=exp.steps_per_epoch + 1,
       num_local_devices=jax.local_device_count())
-  batches = list(pipeline.prefetch_to_device(stream, 2, keys=pipeline.TRAIN_DEVICE_KEYS))
+  image_cache = (train.device_image_cache(exp.train_source.dataset.train, config)
+                 if stream.cache.mode == 'device' else None)
+  print(f'input: {stream.cache.reason}', flush=True)
+  batches = list(pipeline.prefetch_to_device(stream, 2, keys=stream.device_keys))
   # A host copy: every run puts its own buffers on the devices (the step donates them).
   host_state = jax.device_get(exp.state)
   loops, bares = [], []
   print(f'load average before: {os.getloadavg()}', flush=True)
   for run in range(args.runs + 1):  # run 0 compiles and warms both
     loop = _time_loop(exp, config, host_state, os.path.join(tmp, f'wd{run}'))
-    bare = _time_bare(exp, config, host_state, batches, loop.steps)
+    bare = _time_bare(exp, config, host_state, batches, loop.steps, image_cache)
     if run:
       loops.append(loop)
       bares.append(bare)

@@ -7,8 +7,9 @@ float32 (or `--precision bf16`), through the path `reid_jax.train` runs:
 
   * JAX train: Market-like 128x64 JPEGs written to a temporary folder (as
     `benchmarks/input_throughput.py` writes them) -> `pipeline.create_train_stream`
-    (PK sampler, decode, resize, uint8, the host cache of `config.input.cache='auto'`)
-    -> `pipeline.prefetch_to_device` -> the pmapped `p_train_step(state, acc, batch)` of
+    (PK sampler, decode, resize, uint8, the cache `config.input.cache='auto'` picks:
+    on CPU devices the device cache, `train.device_image_cache`) ->
+    `pipeline.prefetch_to_device` -> the pmapped `p_train_step(state, acc, batch, cache)` of
     `train_step.make_parallel_steps` (augmentation on the device, state and metrics
     accumulator donated, no host sync inside a run).
   * JAX features: `p_eval_step` on a uint8 batch already on the devices (normalised
@@ -138,8 +139,10 @@ class JaxBench:
         records, config, steps_per_epoch=spe, start_step=0, num_steps=num_steps,
         num_local_devices=num_devices)
     print(f'  jax input: {stream.cache.reason}', flush=True)
+    self.image_cache = (train.device_image_cache(records, config)
+                        if stream.cache.mode == 'device' else None)
     self.batches = pipeline.prefetch_to_device(stream, config.prefetch_batches,
-                                               keys=pipeline.TRAIN_DEVICE_KEYS)
+                                               keys=stream.device_keys)
     self.eval_batch = next(pipeline.prefetch_to_device(iter([eval_batch]), 1))
     self.first_train_s, _ = timed(lambda: self._train(1))
     self._train(args.warmup - 1)
@@ -148,7 +151,8 @@ class JaxBench:
 
   def _train(self, steps: int) -> None:
     for _ in range(steps):
-      self.state, self.acc = self.p_train(self.state, self.acc, next(self.batches))
+      self.state, self.acc = self.p_train(self.state, self.acc, next(self.batches),
+                                          self.image_cache)
     self.jax.block_until_ready((self.state, self.acc))
 
   def _eval(self, steps: int) -> None:

@@ -1,7 +1,7 @@
 """The one check of a setting against its allowed values, used by every module.
 
 The module that uses a choice owns its tuple of allowed values (for example
-`input_pipeline.pipeline.CACHE_MODES`, `reid_jax.models.NECKS`,
+`input_pipeline.cache.CACHE_MODES`, `reid_jax.models.NECKS`,
 `reid_jax.train_step.LOSS_TYPES`) and checks it with `check_choice`;
 `reid_jax.config_lib.validate` imports the same tuples to check a config at start-up.
 The check lives here, at the bottom of the import graph (`reid_jax` and `eval`

@@ -431,7 +431,23 @@ def apply_params(images: jax.Array, params: dict[str, jax.Array],
   if bad:
     raise ValueError(f'params {bad} must have shape ({images.shape[0]},), one '
                      'value per image.')
-  x = _flip_pad_crop(images, params, cfg)
+  return normalize_and_erase(_flip_pad_crop(images, params, cfg), params, cfg, dtype)
+
+
+def normalize_and_erase(x: jax.Array, params: dict[str, jax.Array],
+                        cfg: AugmentConfig, dtype: Any) -> jax.Array:
+  """The last steps of `apply_params`: normalise, erase, cast.
+
+  Args:
+    x: uint8 (b, H, W, 3), already flipped, padded and cropped with `params`.
+    params: from `sample_params`.
+    cfg: the augmentation settings.
+    dtype: output dtype.
+
+  Returns:
+    (b, H, W, 3) images of `dtype`.
+  """
+  dtype = _output_dtype(dtype)
   erased = _erase_mask(params, cfg) if cfg.random_erasing_prob > 0 else None
   return _normalize_erase(x, erased, cfg.pixel_mean, cfg.pixel_std, cfg.fill,
                           dtype)

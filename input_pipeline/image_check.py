@@ -246,3 +246,26 @@ def eval_batches(batches: Iterable[Any], records: Sequence[Record], config: Any,
       batches, records, lambda i: range(i * size, min((i + 1) * size, len(records))),
       lambda i: f'evaluation batch {i + 1} (images {i * size + 1}-'
                 f'{min((i + 1) * size, len(records))} of {len(records)})', load_image)
+
+
+def image_chunks(records: Sequence[Record], image_size: Sequence[int],
+                 load_image: Optional[decode.LoadImageFn] = None,
+                 chunk_size: int = 256) -> Iterator[Any]:
+  """`pipeline.create_image_chunks`, naming the files of a chunk that fails to decode.
+
+  Args:
+    records: the records (all of them are read, in order).
+    image_size: (H, W).
+    load_image: the image loader hook (None: the record's file).
+    chunk_size: images per chunk.
+
+  Returns:
+    An iterator of uint8 (c, H, W, 3) numpy chunks (see `name_bad_images`).
+  """
+  chunks = pipeline.create_image_chunks(records, image_size, load_image=load_image,
+                                        chunk_size=chunk_size)
+  span = lambda i: range(i * chunk_size, min((i + 1) * chunk_size, len(records)))  # pylint: disable=unnecessary-lambda-assignment
+  return name_bad_images(
+      chunks.as_numpy_iterator(), records, span,
+      lambda i: (f'filling the device cache (training images {span(i).start + 1}-'
+                 f'{span(i).stop} of {len(records)})'), load_image)

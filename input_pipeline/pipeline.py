@@ -27,13 +27,15 @@ How the stream is built:
     never read.
   * Decoding: a parallel, deterministic tf.data map reads, decodes and resizes
     the images of a step (`tf.map_fn` over the step's indices), uint8.
-  * Host cache (`config.input.cache`: 'none', 'host', 'auto' =
-    'host' when N * H * W * 3 bytes fit `config.input.cache_max_gb`): the plan
+  * Cache (`config.input.cache`, chosen by `input_pipeline.cache`): 'host': the plan
     marks the first occurrence of every image in the stream; only those are
     decoded, written into one uint8 (N, H, W, 3) array, and every batch is a
     gather from that array (`np.take`), so from the second epoch the host's
     work per image is a memory copy, into reused 64-byte aligned buffers
     (`prefetch.HostBuffers`: no page faults, and CPU devices use them in place).
+    'device': the images are decoded once into a cache on the devices
+    (`input_pipeline.device_cache`), and the stream carries no images at all, only
+    the plan ('index', 'label', 'epoch', 'position').
 
 Image sources (`input_pipeline.decode`): by default a record's `path` is a file read
 and decoded by `decode_image` (JPEG bit-exact with PIL); other sources (e.g. TFDS
@@ -41,11 +43,11 @@ shards' bytes, `in_memory_loader`) plug in as `load_image(path, index)`.
 
 `prefetch_to_device` (from `input_pipeline.prefetch`) moves host batches onto
 the local devices in a background thread, ahead of the step; the training loop
-sends only `TRAIN_DEVICE_KEYS` ('index' stays on the host).
+sends only the stream's `device_keys` (`TRAIN_DEVICE_KEYS`: 'index' stays on the host;
+with a device cache `DEVICE_CACHE_KEYS`: the indices go, no images).
 """
 
-from collections.abc import Sequence
-import dataclasses
+from collections.abc import Callable, Sequence
 import logging
 import math
 from typing import Any
@@ -53,6 +55,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from input_pipeline import cache as cache_lib
 from input_pipeline import decode
 from input_pipeline import sampler as sampler_lib
 from input_pipeline import transforms
@@ -68,8 +71,6 @@ from input_pipeline.records import Record
 
 # config.sampler: 'pk' = RandomIdentitySampler (P x K), 'shuffle' = ShuffleSampler.
 SAMPLERS = ('pk', 'shuffle')
-# config.input.cache (see `choose_cache`).
-CACHE_MODES = ('none', 'host', 'auto')
 
 
 def make_sampler(records: Sequence[Record], config: Any, num_devices: int
@@ -138,51 +139,6 @@ def _options() -> tf.data.Options:
   options.autotune.enabled = True
   options.experimental_optimization.map_parallelization = True
   return options
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheChoice:
-  """The host cache a training stream uses.
-
-  Attributes:
-    mode: 'host' (cached) or 'none'.
-    nbytes: size of the cache array, N * H * W * 3 bytes (whether used or not).
-    reason: one line saying why, for the log.
-  """
-  mode: str
-  nbytes: int
-  reason: str
-
-
-def choose_cache(mode: str, num_images: int, image_size: Sequence[int],
-                 max_gb: float) -> CacheChoice:
-  """Decides whether the decoded training images are kept in host memory.
-
-  Args:
-    mode: 'none', 'host' (always) or 'auto' (when the cache fits `max_gb`).
-    num_images: number of training records N.
-    image_size: (H, W) training size.
-    max_gb: the budget of 'auto', in GB (1e9 bytes).
-
-  Returns:
-    the CacheChoice.
-
-  Raises:
-    ValueError: for an unknown mode.
-  """
-  check_choice('config.input.cache', mode, CACHE_MODES)
-  height, width = (int(s) for s in image_size)
-  nbytes = int(num_images) * height * width * 3
-  size = f'{nbytes / 1e9:.2f} GB for {num_images} images of {height}x{width}x3 uint8'
-  if mode == 'none':
-    return CacheChoice('none', nbytes, f'cache off (config.input.cache=none; it would be {size})')
-  if mode == 'host':
-    return CacheChoice('host', nbytes, f'host cache of {size} (config.input.cache=host)')
-  if nbytes <= float(max_gb) * 1e9:
-    return CacheChoice('host', nbytes, f'host cache of {size} (auto: within '
-                       f'config.input.cache_max_gb={max_gb:g})')
-  return CacheChoice('none', nbytes, f'no host cache: {size} exceed '
-                     f'config.input.cache_max_gb={max_gb:g} (auto)')
 
 
 class _Planner:
@@ -270,23 +226,29 @@ class _Planner:
 
 
 # The entries of a training batch that the train step reads (what goes to the devices);
-# 'index' (each image's record index) stays on the host, for tests and error reports.
+# 'index' (each image's record index) stays on the host, for tests and error reports...
 TRAIN_DEVICE_KEYS = ('image', 'label', 'epoch', 'position')
+# ... except with a device cache, whose batches carry no images: the step reads them
+# from the cache by 'index'.
+DEVICE_CACHE_KEYS = ('index', 'label', 'epoch', 'position')
 
 
 class TrainStream:
   """Iterator of training batches for this process (see `create_train_stream`).
 
   Attributes:
-    cache: the CacheChoice ('host' or 'none', its size in bytes).
+    cache: the `cache.CacheChoice` ('host', 'device' or 'none', its size in bytes).
     num_steps: number of batches the stream yields.
+    device_keys: the entries of a batch the train step reads (`TRAIN_DEVICE_KEYS`, or
+      `DEVICE_CACHE_KEYS` with a device cache, whose batches carry no 'image').
   """
 
-  def __init__(self, dataset: tf.data.Dataset, cache: CacheChoice,
+  def __init__(self, dataset: tf.data.Dataset, cache: cache_lib.CacheChoice,
                num_records: int, image_size: tuple[int, int],
                num_local_devices: int, num_steps: int):
     self.cache = cache
     self.num_steps = num_steps
+    self.device_keys = DEVICE_CACHE_KEYS if cache.mode == 'device' else TRAIN_DEVICE_KEYS
     self._iterator = dataset.as_numpy_iterator()
     self._devices = num_local_devices
     self._array = (np.empty((num_records,) + image_size + (3,), np.uint8)
@@ -300,6 +262,9 @@ class TrainStream:
     step = next(self._iterator)
     layout = lambda x: x.reshape((self._devices, -1) + x.shape[1:])
     index = layout(step['index'])
+    if 'image' not in step:  # device cache: the images are on the devices
+      return {'label': layout(step['label']), 'epoch': layout(step['epoch']),
+              'position': layout(step['position']), 'index': index.astype(np.int32)}
     if self._array is None:
       image = layout(step['image'])
     else:
@@ -314,6 +279,31 @@ class TrainStream:
     return {'image': image, 'label': layout(step['label']),
             'epoch': layout(step['epoch']), 'position': layout(step['position']),
             'index': index.astype(np.int32)}
+
+
+def resized_image_fn(records: Sequence[Record], image_size: Sequence[int],
+                     load_image: LoadImageFn | None = None
+                     ) -> Callable[[tf.Tensor], tf.Tensor]:
+  """index -> the record's image read, decoded and resized: uint8 (H, W, 3), in tf.
+
+  Args:
+    records: the records the index points into.
+    image_size: (H, W).
+    load_image: optional hook (path, index) -> uint8 (h, w, 3); default reads the
+      file at the record's path (`decode.load_image_file`).
+
+  Returns:
+    a function of an int64 scalar tensor, for tf.data maps.
+  """
+  paths = tf.constant([r.path for r in records], tf.string)
+  size = tuple(int(s) for s in image_size)
+  load = load_image or decode.load_image_file
+
+  def load_one(index: tf.Tensor) -> tf.Tensor:
+    return tf.ensure_shape(
+        transforms.resize(load(tf.gather(paths, index), index), size), size + (3,))
+
+  return load_one
 
 
 def create_train_stream(records: Sequence[Record],
@@ -345,14 +335,14 @@ def create_train_stream(records: Sequence[Record],
     process_count: number of processes.
     load_image: optional hook (path, index) -> uint8 (h, w, 3); default reads
       the file at the record's path.
-    cache: 'none', 'host' or 'auto'; None: config.input.cache.
+    cache: one of `cache.CACHE_MODES`; None: config.input.cache.
 
   Returns:
     a TrainStream (an iterator) of dicts {'image': uint8 (D, b, H, W, 3),
     'label', 'epoch', 'position', 'index': int32 (D, b)} ('index': the record
-    index, for the host: the train step reads `TRAIN_DEVICE_KEYS`), b =
-    config.batch_size / (process_count * D); `.cache` says whether the host
-    cache is used and its size.
+    index), b = config.batch_size / (process_count * D); with a device cache
+    there is no 'image' (the caller fills the cache: `device_cache`). `.cache`
+    says which cache is used and its size, `.device_keys` what goes to the devices.
 
   Raises:
     ValueError: for an invalid step range, cache mode, sampler or layout.
@@ -367,19 +357,18 @@ def create_train_stream(records: Sequence[Record],
                           process_count)
   sampler = make_sampler(records, config, num_local_devices * process_count)
   image_size = tuple(int(s) for s in config.input.image_size)
-  choice = choose_cache(config.input.cache if cache is None else cache, len(records),
-                        image_size, config.input.cache_max_gb)
+  choice = cache_lib.choose_cache_for(config, len(records), num_local_devices,
+                                      config.input.cache if cache is None else cache)
   logging.info('Training input: %s.', choice.reason)
   cached = choice.mode == 'host'
   labels = np.asarray([r.pid for r in records], np.int32)
   planner = _Planner(sampler, labels, cols, global_batch, steps_per_epoch,
                      start_step, start_step + num_steps, cached)
   plans = planner.dataset()
-  paths = tf.constant([r.path for r in records], tf.string)
-  load = load_image or decode.load_image_file
-
-  def load_one(index: tf.Tensor) -> tf.Tensor:
-    return transforms.resize(load(tf.gather(paths, index), index), image_size)
+  if choice.mode == 'device':  # nothing to read: the images are on the devices
+    return TrainStream(plans.prefetch(tf.data.AUTOTUNE).with_options(_options()), choice,
+                       len(records), image_size, num_local_devices, num_steps)
+  load_one = resized_image_fn(records, image_size, load_image)
 
   def decode_step(step: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     to_read = step['new'][:step['num_new']] if cached else step['index']
@@ -396,6 +385,35 @@ def create_train_stream(records: Sequence[Record],
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
   return TrainStream(ds, choice, len(records), image_size, num_local_devices,
                      num_steps)
+
+
+def create_image_chunks(records: Sequence[Record], image_size: Sequence[int], *,
+                        load_image: LoadImageFn | None = None,
+                        chunk_size: int = 256) -> tf.data.Dataset:
+  """Every record's image, read, decoded and resized, in record order, in chunks.
+
+  What fills the device cache (`device_cache.fill_device_cache`); a parallel,
+  deterministic tf.data map.
+
+  Args:
+    records: the records.
+    image_size: (H, W).
+    load_image: optional hook (path, index) -> uint8 (h, w, 3).
+    chunk_size: images per chunk (the last one may hold fewer).
+
+  Returns:
+    tf.data.Dataset of uint8 (c, H, W, 3): records [i * chunk_size, ...) in chunk i.
+
+  Raises:
+    ValueError: for no records or chunk_size < 1.
+  """
+  if not records or chunk_size < 1:
+    raise ValueError(f'create_image_chunks needs records and chunk_size >= 1, got '
+                     f'{len(records)} records and chunk_size {chunk_size}.')
+  load_one = resized_image_fn(records, image_size, load_image)
+  ds = tf.data.Dataset.range(len(records)).map(
+      load_one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.batch(chunk_size).prefetch(2).with_options(_options())
 
 
 def _to_devices(batch: dict[str, tf.Tensor], num_local_devices: int
@@ -455,25 +473,15 @@ def create_eval_dataset(records: Sequence[Record],
   index = np.full(num_batches * global_batch, -1, np.int64)
   index[:n] = np.arange(n)
   index = index.reshape(num_batches, global_batch)[:, cols].reshape(-1)
-  all_paths = [r.path for r in records]
-  paths = [all_paths[i] if i >= 0 else '' for i in index]
   image_size = tuple(int(s) for s in config.input.image_size)
-  load = load_image or decode.load_image_file
+  load_one = resized_image_fn(records, image_size, load_image)
 
-  def process(example):
-    idx = example['index']
-    image = tf.cond(
-        idx >= 0,
-        lambda: transforms.resize(load(example['path'], idx), image_size),
-        lambda: tf.zeros(image_size + (3,), tf.uint8))
-    return {'image': tf.ensure_shape(image, image_size + (3,)),
-            'mask': idx >= 0,
-            'index': tf.cast(idx, tf.int32)}
+  def process(idx: tf.Tensor) -> dict[str, tf.Tensor]:
+    image = tf.cond(idx >= 0, lambda: load_one(idx),
+                    lambda: tf.zeros(image_size + (3,), tf.uint8))
+    return {'image': image, 'mask': idx >= 0, 'index': tf.cast(idx, tf.int32)}
 
-  ds = tf.data.Dataset.from_tensor_slices({
-      'path': tf.constant(paths, tf.string),
-      'index': tf.constant(index, tf.int64),
-  })
+  ds = tf.data.Dataset.from_tensor_slices(tf.constant(index, tf.int64))
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(cols.stop - cols.start, drop_remainder=True)
   ds = ds.map(lambda b: _to_devices(b, num_local_devices))

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import ml_collections
 
 from eval import distance as distance_lib
+from input_pipeline import cache as cache_lib
 from input_pipeline import data_source
 from input_pipeline import device_augment
 from input_pipeline import pipeline
@@ -107,7 +108,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       ('model.pretrain_choice', convert.PRETRAIN_CHOICES),
       ('sampler', pipeline.SAMPLERS),
       ('data_format', data_source.DATA_FORMATS),
-      ('input.cache', pipeline.CACHE_MODES),
+      ('input.cache', cache_lib.CACHE_MODES),
       ('dtype', precision.CONFIG_DTYPES),
       ('optim.name', optim.OPTIMIZERS),
       ('test.distance', distance_lib.DISTANCES),

@@ -2,7 +2,9 @@
 
 The loop never waits for the device between log steps: batches are prefetched to
 the devices by a background thread from one input stream for the whole run (epoch
-boundaries cost nothing; a resumed run starts the stream at its first unseen batch),
+boundaries cost nothing; a resumed run starts the stream at its first unseen batch; with
+the device cache every training image is decoded once, before the first step, and the
+stream carries only indices),
 the state and the metrics accumulator are donated to the step, and metrics are summed
 on the device and fetched only at log steps and epoch ends. Non-finite steps are
 skipped on the device; the host stops the run at the next fetch (see `_check_skipped`).
@@ -22,6 +24,7 @@ from clu import metric_writers
 
 from input_pipeline import data_source
 from input_pipeline import device_augment
+from input_pipeline import device_cache
 from input_pipeline import image_check
 from input_pipeline import pipeline
 from reid_jax import checkpoint as checkpoint_lib
@@ -333,12 +336,15 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
       start_step=start_step, num_steps=total_steps - start_step,
       num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
       process_count=jax.process_count(), load_image=exp.train_source.load_train_image)
+  device_keys = stream.device_keys
+  image_cache = (device_image_cache(exp.train_source.dataset.train, config,
+                                    exp.train_source.load_train_image)
+                 if stream.cache.mode == 'device' else None)
   stream = image_check.train_stream(  # a file that does not decode is named
       stream, exp.train_source.dataset.train, config, steps_per_epoch=steps_per_epoch,
       start_step=start_step, num_devices=jax.device_count(),
       load_image=exp.train_source.load_train_image)
-  batches = pipeline.prefetch_to_device(stream, config.prefetch_batches,
-                                        keys=pipeline.TRAIN_DEVICE_KEYS)
+  batches = pipeline.prefetch_to_device(stream, config.prefetch_batches, keys=device_keys)
   profiler = (_Profiler(workdir, start_step + config.profile_first_step,
                         config.profile_steps) if config.profile_steps else None)
   results: dict = {}
@@ -351,7 +357,7 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
       if error is e:
         raise
       raise error from e.__cause__
-    state, acc = exp.p_train_step(state, acc, batch)
+    state, acc = exp.p_train_step(state, acc, batch, image_cache)
     done = step + 1
     window_steps += 1
     checkpoint_lib.check_errors(manager)  # host-only: a failed background save stops now
@@ -394,6 +400,26 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
     results = evaluation.evaluate_state(exp.p_eval_step, state, exp.test_sources, config,
                                         workdir)
   return results
+
+
+def device_image_cache(records: Any, config: ml_collections.ConfigDict,
+                       load_image: Optional[Any] = None) -> jax.Array:
+  """Every training image decoded once into the device cache of the local devices.
+
+  Args:
+    records: the training records.
+    config: the run's config (input.image_size, input.padding).
+    load_image: the training source's image loader hook (None: the record's file).
+
+  Returns:
+    the cache (`device_cache.fill_device_cache`), for `p_train_step`'s image_cache.
+
+  Raises:
+    image_check.UndecodableImageError: naming the files that do not decode.
+  """
+  return device_cache.fill_device_cache(
+      image_check.image_chunks(records, config.input.image_size, load_image),
+      len(records), config.input.image_size, config.input.padding)
 
 
 def _save_after_input_error(error: Exception, state: step_lib.TrainState,

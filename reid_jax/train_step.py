@@ -9,7 +9,9 @@ Images arrive as uint8 at the training size. The train step augments them on the
 device (`input_pipeline.device_augment`: flip, pad and crop, normalise, random erasing)
 with one PRNG key per image derived from (config.seed, epoch, position of the image in
 the epoch's global batch order), so a batch is the same whatever the device or
-process count; the eval step only normalises.
+process count; the eval step only normalises. With a device cache
+(`input_pipeline.device_cache`) the batch carries record indices instead of images, and
+the step crops each image straight out of the cache (bit for bit the same augmentation).
 
 The loop calls `train_step` through `accumulate_step`, which also sums the step's
 metrics into a small on-device accumulator (`init_metrics_acc`), so the host fetches
@@ -34,6 +36,7 @@ from flax.training import dynamic_scale as dynamic_scale_lib
 from flax.training import train_state
 
 from input_pipeline import device_augment
+from input_pipeline import device_cache
 from input_pipeline.choices import check_choice
 from reid_jax import losses
 from reid_jax import precision
@@ -161,7 +164,8 @@ def compute_loss(params: Any, batch_stats: Any, apply_fn: Callable, batch: dict,
   return loss, (new_model_state['batch_stats'], metrics)
 
 
-def train_step(state: TrainState, batch: dict, *, loss_config: LossConfig,
+def train_step(state: TrainState, batch: dict, image_cache: Optional[jax.Array] = None,
+               *, loss_config: LossConfig,
                learning_rate_fn: Callable[[jax.Array], jax.Array],
                augment_config: Optional[device_augment.AugmentConfig] = None,
                seed: int = 0, image_dtype: Any = jnp.float32,
@@ -171,8 +175,11 @@ def train_step(state: TrainState, batch: dict, *, loss_config: LossConfig,
   Args:
     state: the train state (identical on every device).
     batch: this device's slice: {'image': uint8 (b, H, W, 3), 'label': (b,),
-      'epoch': int32 (b,), 'position': int32 (b,)} when `augment_config` is given;
+      'epoch': int32 (b,), 'position': int32 (b,)} when `augment_config` is given
+      (with `image_cache`: 'index' int32 (b,) instead of 'image');
       otherwise {'image': (b, H, W, 3) model input, 'label': (b,)}.
+    image_cache: the device cache (`device_cache.fill_device_cache`: uint8 (N, H +
+      2p, W + 2p, 3)) the images are read from by batch['index'], or None.
     loss_config: the loss terms.
     learning_rate_fn: step -> base lr, only for logging.
     augment_config: the training augmentation, done here on the device; None: the
@@ -186,9 +193,15 @@ def train_step(state: TrainState, batch: dict, *, loss_config: LossConfig,
     precision, leaves params, BN statistics and optimizer state unchanged (with a
     float16 loss scale it also lowers the scale); metrics['skipped'] is 1.0 then.
   """
+  if image_cache is not None and augment_config is None:
+    raise ValueError('train_step: an image_cache needs augment_config.')
   if augment_config is not None:
     keys = device_augment.image_keys(seed, batch['epoch'], batch['position'])
-    images = device_augment.augment(batch['image'], keys, augment_config, image_dtype)
+    if image_cache is None:
+      images = device_augment.augment(batch['image'], keys, augment_config, image_dtype)
+    else:
+      images = device_cache.augment_cached(image_cache, batch['index'], keys,
+                                           augment_config, image_dtype)
     batch = dict(batch, image=images)
   loss_fn = functools.partial(compute_loss, batch_stats=state.batch_stats,
                               apply_fn=state.apply_fn, batch=batch,
@@ -303,7 +316,8 @@ def reset_window(acc: dict) -> dict:
   return dict(zero, **{k: jax.tree.map(np.array, acc[k]) for k in keep})
 
 
-def accumulate_step(state: TrainState, acc: dict, batch: dict, **kwargs: Any
+def accumulate_step(state: TrainState, acc: dict, batch: dict,
+                    image_cache: Optional[jax.Array] = None, **kwargs: Any
                     ) -> tuple[TrainState, dict]:
   """`train_step`, then its metrics added to `acc`; what the training loop pmaps.
 
@@ -311,12 +325,13 @@ def accumulate_step(state: TrainState, acc: dict, batch: dict, **kwargs: Any
     state: the train state.
     acc: the metrics accumulator (identical on every device).
     batch: this device's slice (see `train_step`).
+    image_cache: the device cache, or None (see `train_step`).
     **kwargs: train_step's keyword arguments.
 
   Returns:
     (new_state, new_acc).
   """
-  new_state, metrics = train_step(state, batch, **kwargs)
+  new_state, metrics = train_step(state, batch, image_cache, **kwargs)
   return new_state, accumulate_metrics(acc, metrics, state.step)
 
 
@@ -365,15 +380,21 @@ def make_parallel_steps(loss_config: LossConfig, learning_rate_fn: Callable,
     image_dtype: the compute dtype images are converted to.
 
   Returns:
-    (p_train_step(state, acc, batch) -> (state, acc), with state and acc donated;
+    (p_train_step(state, acc, batch, image_cache=None) -> (state, acc), with state
+     and acc donated (image_cache: the device cache, replicated, or None);
      p_eval_step(state, batch) -> features (devices, b, D)).
   """
-  p_train = jax.pmap(
+  pmapped = jax.pmap(
       functools.partial(accumulate_step, loss_config=loss_config,
                         learning_rate_fn=learning_rate_fn, augment_config=augment_config,
                         seed=seed, image_dtype=image_dtype),
-      axis_name=AXIS_NAME, in_axes=(None, None, 0), out_axes=(None, None),
+      axis_name=AXIS_NAME, in_axes=(None, None, 0, None), out_axes=(None, None),
       donate_argnums=(0, 1))
+
+  def p_train(state: TrainState, acc: dict, batch: dict,
+              image_cache: Optional[jax.Array] = None) -> tuple[TrainState, dict]:
+    return pmapped(state, acc, batch, image_cache)
+
   p_eval = jax.pmap(functools.partial(eval_step, flip=flip_test,
                                       augment_config=augment_config,
                                       image_dtype=image_dtype),

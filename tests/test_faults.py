@@ -147,8 +147,9 @@ def test_undecodable_images_stop_training_and_its_evaluation_after_saving(
     data_dir, tiny_state, tmp_path):
   folder = str(tmp_path / 'data')
   shutil.copytree(data_dir, folder)
+  # The host cache: its stream decodes each image at the first step that reads it.
   config = tiny_config(folder, checkpoint_every_epochs=10, eval_every_epochs=10,
-                       **{'test.max_rank': 10})
+                       **{'test.max_rank': 10, 'input.cache': 'host'})
   assert not config.verify_images
   records = data_source.load_train_test(config)[0].dataset.train
   # The data order is the sampler's (seed, epoch): pick an image that step 2 reads
@@ -160,6 +161,15 @@ def test_undecodable_images_stop_training_and_its_evaluation_after_saving(
     data = f.read()
   with open(target, 'wb') as f:
     f.write(data[:len(data) // 2])
+  # The device cache decodes every image before the first step: the run stops there.
+  device_workdir = str(tmp_path / 'device_wd')
+  with pytest.raises(image_check.UndecodableImageError) as info:
+    train.train_and_evaluate(tiny_config(folder, **{'input.cache': 'device'}),
+                             device_workdir)
+  assert str(info.value).startswith(
+      f'Cannot decode 1 image of filling the device cache (training images 1-'
+      f'{len(records)} of {len(records)}):\n  {target}: {len(data) // 2} bytes: ')
+  assert checkpoint_lib.create_manager(device_workdir).all_steps() == []
   workdir = str(tmp_path / 'wd')
   with pytest.raises(image_check.UndecodableImageError) as info:
     train.train_and_evaluate(config, workdir)

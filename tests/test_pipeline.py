@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default
+from input_pipeline import cache as cache_lib
 from input_pipeline import decode
 from input_pipeline import pipeline
 from input_pipeline import sampler as sampler_lib
@@ -208,16 +209,16 @@ def test_cached_equals_uncached_over_epochs(records):
 
 def test_choose_cache_modes_and_log(records, caplog):
   size = len(records) * HEIGHT * WIDTH * 3
-  tiny = pipeline.choose_cache('auto', len(records), (HEIGHT, WIDTH), size / 2e9)
+  tiny = cache_lib.choose_cache('auto', len(records), (HEIGHT, WIDTH), size / 2e9)
   assert tiny.mode == 'none' and tiny.nbytes == size
-  fits = pipeline.choose_cache('auto', len(records), (HEIGHT, WIDTH), size / 1e9)
+  fits = cache_lib.choose_cache('auto', len(records), (HEIGHT, WIDTH), size / 1e9)
   assert fits.mode == 'host' and fits.nbytes == size
-  forced = pipeline.choose_cache('host', len(records), (HEIGHT, WIDTH), 0.0)
+  forced = cache_lib.choose_cache('host', len(records), (HEIGHT, WIDTH), 0.0)
   assert forced.mode == 'host'
-  veri_wild = pipeline.choose_cache('auto', 277_797, (256, 128), 16)
+  veri_wild = cache_lib.choose_cache('auto', 277_797, (256, 128), 16)
   assert veri_wild.mode == 'none' and veri_wild.nbytes == 277_797 * 256 * 128 * 3
   with pytest.raises(ValueError, match='config.input.cache'):
-    pipeline.choose_cache('disk', 1, (2, 2), 1.0)
+    cache_lib.choose_cache('disk', 1, (2, 2), 1.0)
   config = _config()
   config.input.cache = 'auto'
   config.input.cache_max_gb = size / 2e9

@@ -12,6 +12,7 @@ from PIL import Image
 
 from configs import demo
 from eval_reference import distance_matrix, l2_normalize, reference_market
+from input_pipeline import cache as cache_lib
 from input_pipeline import data_source
 from input_pipeline import pipeline
 from input_pipeline import synthetic
@@ -107,6 +108,25 @@ def _reference_map(embed, test_set, config):
   return reference_market(distmat, np.array([r.pid for r in q]),
                           np.array([r.pid for r in g]), np.array([r.camid for r in q]),
                           np.array([r.camid for r in g]), len(g))[1]
+
+
+def test_device_cache_training_equals_host_cache_training(trained, data_dir, tmp_path):
+  """`trained` ran with the tiny config's 'auto', which picks the device cache on the
+  test's 4 CPU devices; the same run reading the host cache ends with the same params
+  (test_pipeline: the host cache's batches equal the uncached stream's)."""
+  config, workdir, _ = trained
+  num_train = len(train.build_experiment(config).train_source.dataset.train)
+  auto = cache_lib.choose_cache_for(config, num_train, jax.local_device_count())
+  assert auto.mode == 'device'
+  host_config = tiny_config(data_dir, **{'input.cache': 'host'})
+  train.train_and_evaluate(host_config, str(tmp_path / 'host'))
+  exp = train.build_experiment(host_config)
+  host = checkpoint_lib.restore(checkpoint_lib.create_manager(str(tmp_path / 'host')),
+                                exp.state)
+  device = checkpoint_lib.restore(checkpoint_lib.create_manager(workdir), exp.state, step=4)
+  assert int(host.step) == int(device.step) == 4
+  for x, y in zip(jax.tree.leaves(host.params), jax.tree.leaves(device.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_rerun_resumes_from_latest_checkpoint(trained, data_dir):
@@ -249,11 +269,26 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_ends_equal_to_an_uninterrupted_ru
   original = pipeline.create_train_stream
   decoded = []
 
+  class RecordingStream:
+    """The stream (its attributes too), noting the global step of every batch read."""
+
+    def __init__(self, stream, start):
+      self.stream, self.step = stream, start
+
+    def __getattr__(self, name):
+      return getattr(self.stream, name)
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      batch = next(self.stream)
+      decoded.append((self.step, batch['index'].copy()))
+      self.step += 1
+      return batch
+
   def recording_stream(*args, **kwargs):
-    start = kwargs['start_step']
-    for i, batch in enumerate(original(*args, **kwargs)):
-      decoded.append((start + i, batch['index'].copy()))
-      yield batch
+    return RecordingStream(original(*args, **kwargs), kwargs['start_step'])
 
   monkeypatch.setattr(pipeline, 'create_train_stream', recording_stream)
   check_errors = checkpoint_lib.check_errors

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from input_pipeline import device_augment
 from reid_jax import models
 from reid_jax import optim
 from reid_jax import precision
@@ -254,3 +255,40 @@ def test_parallel_train_step_donates_state_and_accumulator():
   new_state, new_acc = p_train(state, acc, batch)
   assert old_leaf.is_deleted() and old_acc.is_deleted()
   assert int(new_acc['finite_steps']) == 1 and int(new_state.step) == 1
+
+
+def test_parallel_train_step_reads_the_device_cache_as_it_reads_the_images():
+  """p_train_step(state, acc, {'index', ...}, cache) equals p_train_step on the uint8
+  images cache[index] (the augmentation and the update, bit for bit)."""
+  config = _config('softmax_triplet', tiny=True)
+  config.input.image_size = IMAGE_SIZE
+  config.input.padding = 2
+  augment_config = device_augment.AugmentConfig.from_config(config.input)
+  p_train, _ = step_lib.make_parallel_steps(
+      step_lib.LossConfig.from_config(config), optim.create_lr_schedule(config, 10),
+      augment_config=augment_config, seed=7)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (10, *IMAGE_SIZE, 3), dtype=np.uint8)
+  index = rng.integers(0, 10, P * K).astype(np.int32)
+  plan = {'label': _batch(0)['label'], 'epoch': np.full(P * K, 3, np.int32),
+          'position': np.arange(P * K, dtype=np.int32)}
+  cache = step_lib.on_devices(np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))))
+  state = jax.device_get(_state(config))  # on the host: each run donates its own copy
+  step = functools.partial(
+      step_lib.train_step, loss_config=step_lib.LossConfig.from_config(config),
+      learning_rate_fn=optim.create_lr_schedule(config, 10), augment_config=augment_config,
+      seed=7)
+  metric_shapes = jax.eval_shape(
+      jax.vmap(step, in_axes=(None, 0), axis_name=step_lib.AXIS_NAME), state,
+      _shard(dict(plan, image=images[index]), NUM_DEVICES))[1]
+  results = []
+  for batch, image_cache in ((dict(plan, image=images[index]), None),
+                             (dict(plan, index=index), cache)):
+    on_devices = step_lib.on_devices((state, step_lib.init_metrics_acc(metric_shapes)))
+    results.append(jax.device_get(
+        p_train(*on_devices, _shard(batch, NUM_DEVICES), image_cache)))
+  (state_a, acc_a), (state_b, acc_b) = results
+  assert int(acc_a['finite_steps']) == 1
+  for x, y in zip(jax.tree.leaves((state_a.params, acc_a)),
+                  jax.tree.leaves((state_b.params, acc_b))):
+    np.testing.assert_array_equal(x, y)
