@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import logging
 import math
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from input_pipeline import device_augment
 
 def fill_device_cache(chunks: Iterable[np.ndarray], num_images: int,
                       image_size: Sequence[int], padding: int,
-                      devices: Optional[Sequence[Any]] = None) -> jax.Array:
+                      sharding: jax.sharding.Sharding) -> jax.Array:
   """Writes the decoded training images into a padded cache replicated on `devices`.
 
   Each chunk is written into the devices' copies in place (the cache is donated to
@@ -46,43 +46,44 @@ def fill_device_cache(chunks: Iterable[np.ndarray], num_images: int,
     num_images: the number of records N; the chunks must hold exactly N images.
     image_size: (H, W), the training size.
     padding: config.input.padding: zero pixels kept around each image.
-    devices: where the copies go; default jax.local_devices() (pmap's devices).
+    sharding: where the copies go: replicated over the local devices, as the pmapped
+      step takes its state (`train_step.replicated_sharding()`).
 
   Returns:
-    uint8 jax.Array (N, H + 2p, W + 2p, 3) replicated over `devices` (what the
-    pmapped train step takes with in_axes=None).
+    uint8 jax.Array (N, H + 2p, W + 2p, 3) with `sharding` (what the pmapped train
+    step takes with in_axes=None).
 
   Raises:
-    ValueError: when the chunks hold other than N images of (H, W, 3).
+    ValueError: for a chunk that is not uint8 (c, H, W, 3), or chunks that hold more
+      or fewer than N images.
   """
-  devices = list(jax.local_devices() if devices is None else devices)
-  mesh = jax.sharding.Mesh(np.asarray(devices), ('batch',))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   shape = (int(num_images),) + cache_lib.cached_image_shape(image_size, padding)
-  pad = max(int(padding), 0)
+  pad = int(padding)
   image_shape = tuple(int(s) for s in image_size) + (3,)
   start_time = time.time()
-  cache = jax.jit(lambda: jnp.zeros(shape, jnp.uint8), out_shardings=replicated)()
+  cache = jax.jit(lambda: jnp.zeros(shape, jnp.uint8), out_shardings=sharding)()
   write = jax.jit(
       lambda c, x, start: jax.lax.dynamic_update_slice(c, x, (start, pad, pad, 0)),
-      donate_argnums=0, out_shardings=replicated)
+      donate_argnums=0, out_shardings=sharding)
   done = 0
   for chunk in chunks:
     chunk = np.asarray(chunk)
-    if chunk.shape[1:] != image_shape or chunk.dtype != np.uint8 or (
-        done + len(chunk) > shape[0]):
+    if chunk.shape[1:] != image_shape or chunk.dtype != np.uint8:
       raise ValueError(f'fill_device_cache: a chunk of {chunk.dtype} {chunk.shape} after '
                        f'{done} images; expected uint8 (c, {image_shape[0]}, '
-                       f'{image_shape[1]}, 3), {shape[0]} images in all.')
-    cache = write(cache, jax.device_put(chunk, replicated), np.int32(done))
+                       f'{image_shape[1]}, 3).')
+    if done + len(chunk) > shape[0]:
+      raise ValueError(f'fill_device_cache: the chunks hold more than the {shape[0]} '
+                       f'images expected ({done} + {len(chunk)}).')
+    cache = write(cache, jax.device_put(chunk, sharding), np.int32(done))
     done += len(chunk)
   if done != shape[0]:
     raise ValueError(f'fill_device_cache: the chunks held {done} images, expected '
                      f'{shape[0]}.')
   cache.block_until_ready()
   logging.info('Device cache filled: %d images, %.2f GB on each of %d devices, in '
-               '%.1f s.', shape[0], math.prod(shape) / 1e9, len(devices),
-               time.time() - start_time)
+               '%.1f s.', shape[0], math.prod(shape) / 1e9,
+               len(sharding.addressable_devices), time.time() - start_time)
   return cache
 
 
@@ -96,7 +97,7 @@ def _crop_from_cache(cache: jax.Array, index: jax.Array, params: dict[str, jax.A
   windows into the pixel pass, and no batch of padded copies is made.
   """
   height, width = cfg.image_size
-  pad = max(cfg.padding, 0)
+  pad = cfg.padding  # >= 0 (AugmentConfig checks it)
   flip = jnp.asarray(params['flip'], jnp.bool_)
   top = jnp.asarray(params['crop_top'], jnp.int32)
   left = jnp.asarray(params['crop_left'], jnp.int32)

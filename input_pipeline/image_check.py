@@ -3,16 +3,18 @@
 tf.data reports an image it cannot decode with a bare TensorFlow error ('Input is
 empty.', 'jpeg::Uncompress failed.', 'Unknown image file format.') that names no
 file. The wrappers here sit around a stream of batches (`train_stream`,
-`eval_batches`): when batch i fails with such an error, the images of batch i (known
-from the stream's plan: the sampler's epoch for training, consecutive records for
-evaluation) are decoded again one by one with the pipeline's own loader, and an
+`eval_batches`, and `image_chunks`, which fill the device cache): when batch i fails
+with such an error, the images of batch i (known from the stream's plan: the
+sampler's epoch for training, consecutive records for evaluation and for the device
+cache) are decoded again one by one with the pipeline's own loader, and an
 `UndecodableImageError` names each file that fails, its size, TensorFlow's reason
 and the fix: `config.verify_images=True` drops undecodable images when the dataset
 is read (`reader_utils.verify_images`). Files that PIL can read but TensorFlow cannot (so
 that verify_images keeps them) are told apart. Batches that decode cost nothing.
 
-The training loop catches the error, saves its last good state and adds where
-(`UndecodableImageError.with_saved_state`).
+The training loop catches the error of a training or evaluation batch, saves its
+last good state and adds where (`UndecodableImageError.with_saved_state`); the device
+cache is filled before the first step of a run, so its error leaves nothing unsaved.
 """
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -262,8 +264,8 @@ def image_chunks(records: Sequence[Record], image_size: Sequence[int],
   Returns:
     An iterator of uint8 (c, H, W, 3) numpy chunks (see `name_bad_images`).
   """
-  chunks = pipeline.create_image_chunks(records, image_size, load_image=load_image,
-                                        chunk_size=chunk_size)
+  chunks = pipeline.create_image_chunks(records, image_size, chunk_size=chunk_size,
+                                        load_image=load_image)
   span = lambda i: range(i * chunk_size, min((i + 1) * chunk_size, len(records)))  # pylint: disable=unnecessary-lambda-assignment
   return name_bad_images(
       chunks.as_numpy_iterator(), records, span,

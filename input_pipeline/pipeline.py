@@ -13,9 +13,10 @@ indices, a pure function of (config.seed, epoch). Each global batch is split
 in order over the `process_count * num_local_devices` devices: device d
 (counted over all processes, process p owning devices p*D .. p*D+D-1) gets
 columns [d*b, (d+1)*b), b = global_batch / num_devices. A process only reads
-and decodes its own columns. With the PK sampler every device slice holds whole
-identities. Every image carries (epoch, position): position = step_in_epoch *
-global_batch + column, from which the device derives its augmentation key
+and decodes its own columns (with the device cache it decodes every image once, for
+its own devices, and then reads nothing). With the PK sampler every device slice
+holds whole identities. Every image carries (epoch, position): position =
+step_in_epoch * global_batch + column, from which the device derives its augmentation key
 (`device_augment.image_keys`), so augmentation does not depend on the layout.
 
 How the stream is built:
@@ -230,7 +231,7 @@ class _Planner:
 TRAIN_DEVICE_KEYS = ('image', 'label', 'epoch', 'position')
 # ... except with a device cache, whose batches carry no images: the step reads them
 # from the cache by 'index'.
-DEVICE_CACHE_KEYS = ('index', 'label', 'epoch', 'position')
+DEVICE_CACHE_KEYS = ('index',) + TRAIN_DEVICE_KEYS[1:]
 
 
 class TrainStream:
@@ -263,8 +264,8 @@ class TrainStream:
     layout = lambda x: x.reshape((self._devices, -1) + x.shape[1:])
     index = layout(step['index'])
     if 'image' not in step:  # device cache: the images are on the devices
-      return {'label': layout(step['label']), 'epoch': layout(step['epoch']),
-              'position': layout(step['position']), 'index': index.astype(np.int32)}
+      return {k: index.astype(np.int32) if k == 'index' else layout(step[k])
+              for k in DEVICE_CACHE_KEYS}
     if self._array is None:
       image = layout(step['image'])
     else:
@@ -357,8 +358,7 @@ def create_train_stream(records: Sequence[Record],
                           process_count)
   sampler = make_sampler(records, config, num_local_devices * process_count)
   image_size = tuple(int(s) for s in config.input.image_size)
-  choice = cache_lib.choose_cache_for(config, len(records), num_local_devices,
-                                      config.input.cache if cache is None else cache)
+  choice = cache_lib.choose_cache_for(config, len(records), num_local_devices, cache)
   logging.info('Training input: %s.', choice.reason)
   cached = choice.mode == 'host'
   labels = np.asarray([r.pid for r in records], np.int32)
@@ -388,8 +388,8 @@ def create_train_stream(records: Sequence[Record],
 
 
 def create_image_chunks(records: Sequence[Record], image_size: Sequence[int], *,
-                        load_image: LoadImageFn | None = None,
-                        chunk_size: int = 256) -> tf.data.Dataset:
+                        chunk_size: int,
+                        load_image: LoadImageFn | None = None) -> tf.data.Dataset:
   """Every record's image, read, decoded and resized, in record order, in chunks.
 
   What fills the device cache (`device_cache.fill_device_cache`); a parallel,
@@ -398,8 +398,8 @@ def create_image_chunks(records: Sequence[Record], image_size: Sequence[int], *,
   Args:
     records: the records.
     image_size: (H, W).
-    load_image: optional hook (path, index) -> uint8 (h, w, 3).
     chunk_size: images per chunk (the last one may hold fewer).
+    load_image: optional hook (path, index) -> uint8 (h, w, 3).
 
   Returns:
     tf.data.Dataset of uint8 (c, H, W, 3): records [i * chunk_size, ...) in chunk i.

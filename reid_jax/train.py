@@ -336,10 +336,14 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
       start_step=start_step, num_steps=total_steps - start_step,
       num_local_devices=jax.local_device_count(), process_index=jax.process_index(),
       process_count=jax.process_count(), load_image=exp.train_source.load_train_image)
+  # Every process must pick the same cache: the two kinds of batch compile other steps.
+  multihost.check_agreement({'training cache': stream.cache.mode}, 'training input')
   device_keys = stream.device_keys
-  image_cache = (device_image_cache(exp.train_source.dataset.train, config,
-                                    exp.train_source.load_train_image)
-                 if stream.cache.mode == 'device' else None)
+  image_cache = None
+  if stream.cache.mode == 'device' and total_steps > start_step:
+    with multihost.together('filling the device cache'):
+      image_cache = device_image_cache(exp.train_source.dataset.train, config,
+                                       exp.train_source.load_train_image)
   stream = image_check.train_stream(  # a file that does not decode is named
       stream, exp.train_source.dataset.train, config, steps_per_epoch=steps_per_epoch,
       start_step=start_step, num_devices=jax.device_count(),
@@ -393,6 +397,7 @@ def _train_loop(exp: Experiment, config: ml_collections.ConfigDict, workdir: str
       writer.write_scalars(done, evaluation.summary_scalars(results))
       writer.flush()
       window_start = time.time()  # evaluation time is not training time
+  image_cache = None  # the devices' copies are freed before the final evaluation
   manager.wait_until_finished()
   best.wait_until_finished()
   writer.flush()
@@ -419,7 +424,8 @@ def device_image_cache(records: Any, config: ml_collections.ConfigDict,
   """
   return device_cache.fill_device_cache(
       image_check.image_chunks(records, config.input.image_size, load_image),
-      len(records), config.input.image_size, config.input.padding)
+      len(records), config.input.image_size, config.input.padding,
+      step_lib.replicated_sharding())
 
 
 def _save_after_input_error(error: Exception, state: step_lib.TrainState,

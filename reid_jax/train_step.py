@@ -198,6 +198,9 @@ def train_step(state: TrainState, batch: dict, image_cache: Optional[jax.Array] 
   if augment_config is not None:
     keys = device_augment.image_keys(seed, batch['epoch'], batch['position'])
     if image_cache is None:
+      if 'image' not in batch:
+        raise ValueError(f"train_step: the batch has no 'image' (it has {sorted(batch)}); "
+                         "a device-cache batch ('index') needs the cache as image_cache.")
       images = device_augment.augment(batch['image'], keys, augment_config, image_dtype)
     else:
       images = device_cache.augment_cached(image_cache, batch['index'], keys,
@@ -393,6 +396,7 @@ def make_parallel_steps(loss_config: LossConfig, learning_rate_fn: Callable,
 
   def p_train(state: TrainState, acc: dict, batch: dict,
               image_cache: Optional[jax.Array] = None) -> tuple[TrainState, dict]:
+    """The pmapped `accumulate_step`; image_cache defaults to None (no device cache)."""
     return pmapped(state, acc, batch, image_cache)
 
   p_eval = jax.pmap(functools.partial(eval_step, flip=flip_test,

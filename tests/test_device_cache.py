@@ -11,7 +11,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 import pytest
 
 from input_pipeline import cache as cache_lib
@@ -20,7 +19,7 @@ from input_pipeline import device_cache
 from input_pipeline import image_check
 from input_pipeline import pipeline
 from input_pipeline.records import Record
-from test_device_augment import _cfg, _compare, _images, _np_apply, _np_params
+from test_device_augment import _cfg, _compare, _images, _np_apply, _np_crop, _np_params
 from test_pipeline import HEIGHT, SPE, WIDTH, _config, _counting_loader, _stack, _stream
 from test_pipeline import records, reference_images  # pylint: disable=unused-import
 
@@ -37,10 +36,14 @@ def test_choose_cache_device_rules():
   # A quarter of a 4 GB device is 1 GB: too small; the host cache instead.
   small_gpu = choose(platform='gpu', num_local_devices=1, device_bytes_limit=4e9)
   assert small_gpu.mode == 'host' and small_gpu.nbytes == MARKET * 256 * 128 * 3
-  assert '0.25 of the device memory' in small_gpu.reason
+  assert '1.59 GB > 0.25 of the 4.00 GB of device memory' in small_gpu.reason
+  assert 'cache_device_max_gb' not in small_gpu.reason  # a budget it kept is not named
   # CPU devices share the host's memory: 2 copies fit 16 GB, 16 copies do not.
   assert choose(platform='cpu', num_local_devices=2).mode == 'device'
-  assert choose(platform='cpu', num_local_devices=16).mode == 'host'
+  many_cpus = choose(platform='cpu', num_local_devices=16)
+  assert many_cpus.mode == 'host'
+  assert '16 copies = 25.36 GB > config.input.cache_max_gb=16' in many_cpus.reason
+  assert 'cache_device_max_gb' not in many_cpus.reason
   assert cache_lib.choose_cache('auto', MARKET, (256, 128), 16.0, padding=10,
                                 device_max_gb=1.5, platform='gpu').mode == 'host'
   # VeRi-Wild's 277,797 images fit neither budget.
@@ -53,6 +56,13 @@ def test_choose_cache_device_rules():
                            platform='gpu', device_bytes_limit=1e9)
   assert cache_lib.cached_image_shape((256, 128), 10) == (276, 148, 3)
   assert cache_lib.cached_image_shape((256, 128), 0) == (256, 128, 3)
+  with pytest.raises(ValueError, match='padding must be >= 0, got -1'):
+    cache_lib.cached_image_shape((256, 128), -1)
+
+
+def _replicated(devices):
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('batch',))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def _addressable_copies(array):
@@ -65,7 +75,7 @@ def test_fill_device_cache_holds_the_padded_pil_images_on_every_device(
   devices = jax.local_devices()[:2]
   chunks = image_check.image_chunks(records, (HEIGHT, WIDTH), chunk_size=chunk_size)
   cache = device_cache.fill_device_cache(chunks, len(records), (HEIGHT, WIDTH), padding,
-                                         devices=devices)
+                                         _replicated(devices))
   expected = np.pad(reference_images, ((0, 0), (padding,) * 2, (padding,) * 2, (0, 0)))
   copies = _addressable_copies(cache)
   assert len(copies) == 2 and {s.device for s in cache.addressable_shards} == set(devices)
@@ -73,12 +83,16 @@ def test_fill_device_cache_holds_the_padded_pil_images_on_every_device(
     np.testing.assert_array_equal(copy, expected)
 
 
-def test_fill_device_cache_refuses_the_wrong_number_of_images(records):
+def test_fill_device_cache_refuses_the_wrong_number_or_shape_of_images():
   chunk = np.zeros((4, HEIGHT, WIDTH, 3), np.uint8)
+  sharding = _replicated(jax.local_devices()[:1])
   with pytest.raises(ValueError, match='held 4 images, expected 5'):
-    device_cache.fill_device_cache([chunk], 5, (HEIGHT, WIDTH), 2)
-  with pytest.raises(ValueError, match=r'expected uint8 \(c, 64, 32, 3\), 3 images'):
-    device_cache.fill_device_cache([chunk], 3, (HEIGHT, WIDTH), 2)
+    device_cache.fill_device_cache([chunk], 5, (HEIGHT, WIDTH), 2, sharding)
+  with pytest.raises(ValueError, match=r'more than the 3 images expected \(0 \+ 4\)'):
+    device_cache.fill_device_cache([chunk], 3, (HEIGHT, WIDTH), 2, sharding)
+  with pytest.raises(ValueError, match=r'float32 \(4, 64, 32, 3\).*expected uint8'):
+    device_cache.fill_device_cache([chunk.astype(np.float32)], 4, (HEIGHT, WIDTH), 2,
+                                   sharding)
 
 
 def test_fill_names_an_undecodable_training_image(records, tmp_path):
@@ -88,7 +102,7 @@ def test_fill_names_an_undecodable_training_image(records, tmp_path):
   with pytest.raises(image_check.UndecodableImageError) as info:
     device_cache.fill_device_cache(
         image_check.image_chunks(broken, (HEIGHT, WIDTH), chunk_size=4), len(broken),
-        (HEIGHT, WIDTH), 2)
+        (HEIGHT, WIDTH), 2, _replicated(jax.local_devices()[:1]))
   text = str(info.value)
   assert str(bad) in text and 'filling the device cache (training images 9-12 of 13)' in text
 
@@ -132,6 +146,23 @@ def test_augment_cached_matches_numpy_and_augment(jitted_cached, size, padding, 
                                   np.asarray(same).view(np.uint8))
 
 
+def test_crop_from_cache_at_the_window_edges_equals_numpy():
+  """Flipped and not, at the extreme crop offsets 0 and 2p (which map to 2p and 0)."""
+  padding, size = 3, (8, 6)
+  cfg = _cfg(size, padding=padding)
+  images = _images(2, size, seed=1)
+  cache = np.pad(images, ((0, 0), (padding,) * 2, (padding,) * 2, (0, 0)))
+  grid = [(flip, top, left) for flip in (0, 1) for top in (0, 2 * padding)
+          for left in (0, 1, 2 * padding)]
+  p = {'flip': np.array([g[0] for g in grid], bool),
+       'crop_top': np.array([g[1] for g in grid], np.int32),
+       'crop_left': np.array([g[2] for g in grid], np.int32)}
+  index = np.arange(len(grid), dtype=np.int32) % 2
+  got = device_cache._crop_from_cache(  # pylint: disable=protected-access
+      jnp.asarray(cache), jnp.asarray(index), p, cfg)
+  np.testing.assert_array_equal(np.asarray(got), _np_crop(images[index], p, padding))
+
+
 def test_augment_cached_refuses_an_unpadded_cache(jitted_cached):
   cfg = _cfg((32, 16), padding=4)
   keys = da.image_keys(0, jnp.zeros(2, jnp.int32), jnp.arange(2))
@@ -161,7 +192,7 @@ def test_device_cached_batches_equal_the_streamed_batches_augmented(records):
   p_cache = jax.pmap(from_cache, in_axes=(None, 0, 0, 0))
   cache = device_cache.fill_device_cache(
       image_check.image_chunks(records, (HEIGHT, WIDTH), chunk_size=16), len(records),
-      (HEIGHT, WIDTH), config.input.padding)
+      (HEIGHT, WIDTH), config.input.padding, _replicated(jax.local_devices()))
   streamed = _stream(records, config, num=2 * SPE, devices=4, cache='none')
   device = _stream(records, config, num=2 * SPE, devices=4, cache='device')
   for a, b in zip(streamed, device, strict=True):

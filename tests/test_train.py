@@ -1,6 +1,7 @@
 """End to end: train, checkpoint, resume, evaluate, NaN abort, CLI, on tiny synthetic data."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,7 +13,6 @@ from PIL import Image
 
 from configs import demo
 from eval_reference import distance_matrix, l2_normalize, reference_market
-from input_pipeline import cache as cache_lib
 from input_pipeline import data_source
 from input_pipeline import pipeline
 from input_pipeline import synthetic
@@ -56,12 +56,40 @@ def tiny_config(data_dir, **overrides):
   return config
 
 
+class _InputLog(logging.Handler):
+  """Keeps the 'Training input: ...' log lines (which cache a run chose)."""
+
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.lines = []
+
+  def emit(self, record):
+    if record.getMessage().startswith('Training input:'):
+      self.lines.append(record.getMessage())
+
+
+class _Trained(tuple):
+  """(config, workdir, results) of the `trained` run; .input_log: its 'Training input'
+  log lines (which cache 'auto' chose)."""
+  input_log: list
+
+
 @pytest.fixture(scope='module')
 def trained(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('workdir'))
   config = tiny_config(data_dir)
-  results = train.train_and_evaluate(config, workdir)
-  return config, workdir, results
+  root, handler = logging.getLogger(), _InputLog()
+  level = root.level
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  try:
+    results = train.train_and_evaluate(config, workdir)
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(level)
+  run = _Trained((config, workdir, results))
+  run.input_log = handler.lines
+  return run
 
 
 def test_training_writes_checkpoints_results_reports_and_events(trained):
@@ -111,13 +139,13 @@ def _reference_map(embed, test_set, config):
 
 
 def test_device_cache_training_equals_host_cache_training(trained, data_dir, tmp_path):
-  """`trained` ran with the tiny config's 'auto', which picks the device cache on the
-  test's 4 CPU devices; the same run reading the host cache ends with the same params
+  """`trained` ran with the tiny config's 'auto', which picked the device cache on the
+  test's 4 CPU devices (its log says so); the same run reading the host cache ends with
+  the same params
   (test_pipeline: the host cache's batches equal the uncached stream's)."""
   config, workdir, _ = trained
-  num_train = len(train.build_experiment(config).train_source.dataset.train)
-  auto = cache_lib.choose_cache_for(config, num_train, jax.local_device_count())
-  assert auto.mode == 'device'
+  assert len(trained.input_log) == 1
+  assert trained.input_log[0].startswith('Training input: device cache of ')
   host_config = tiny_config(data_dir, **{'input.cache': 'host'})
   train.train_and_evaluate(host_config, str(tmp_path / 'host'))
   exp = train.build_experiment(host_config)

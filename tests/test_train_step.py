@@ -287,6 +287,9 @@ def test_parallel_train_step_reads_the_device_cache_as_it_reads_the_images():
     on_devices = step_lib.on_devices((state, step_lib.init_metrics_acc(metric_shapes)))
     results.append(jax.device_get(
         p_train(*on_devices, _shard(batch, NUM_DEVICES), image_cache)))
+  with pytest.raises(ValueError, match="no 'image'.*needs the cache as image_cache"):
+    p_train(*step_lib.on_devices((state, step_lib.init_metrics_acc(metric_shapes))),
+            _shard(dict(plan, index=index), NUM_DEVICES))
   (state_a, acc_a), (state_b, acc_b) = results
   assert int(acc_a['finite_steps']) == 1
   for x, y in zip(jax.tree.leaves((state_a.params, acc_a)),
