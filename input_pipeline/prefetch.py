@@ -13,11 +13,14 @@ CPU devices use such memory in place (no copy in `device_put`), and reusing it
 avoids faulting in fresh pages for every batch.
 """
 
+import atexit
 from collections.abc import Callable, Iterable, Iterator, Sequence
 import dataclasses
+import functools
 import queue
 import sys
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -121,8 +124,21 @@ def _produce(source: Iterator[Any], q: queue.Queue, stop: threading.Event,
       close()
 
 
+def _close_at_exit(prefetcher: 'weakref.ref[_DevicePrefetcher]') -> None:
+  """atexit: stops a prefetcher still running when the interpreter exits."""
+  alive = prefetcher()
+  if alive is not None:
+    alive.close()
+
+
 class _DevicePrefetcher:
-  """Iterator side of `prefetch_to_device`: its `next()` is a queue get."""
+  """Iterator side of `prefetch_to_device`: its `next()` is a queue get.
+
+  A prefetcher left running when the interpreter exits is closed by an atexit hook:
+  otherwise its daemon thread, returning from a source's C++ code (tf.data) after
+  Python has begun to finalise, is torn down inside that code and the process aborts
+  ("terminate called ... exception not rethrown").
+  """
 
   def __init__(self, source: Iterator[Any], size: int,
                transfer: Callable[[Any], Any]):
@@ -132,6 +148,8 @@ class _DevicePrefetcher:
     self._thread = threading.Thread(
         target=_produce, args=(source, self._queue, self._stop, transfer),
         name='prefetch_to_device', daemon=True)
+    self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+    atexit.register(self._at_exit)
     self._thread.start()
 
   def __iter__(self) -> '_DevicePrefetcher':
@@ -151,6 +169,7 @@ class _DevicePrefetcher:
 
   def close(self, timeout: float = 5.0) -> None:
     """Stops the background thread (it finishes the batch it is moving)."""
+    atexit.unregister(self._at_exit)
     self._done = True
     self._stop.set()
     while True:  # free a producer blocked on a full queue
@@ -168,6 +187,7 @@ class _DevicePrefetcher:
     self.close()
 
   def __del__(self) -> None:
+    atexit.unregister(self._at_exit)
     self._stop.set()
 
 

@@ -424,15 +424,27 @@ def test_prefetch_to_device_is_bounded_and_stops_with_the_consumer():
 
 
 def test_abandoned_prefetcher_does_not_hold_up_exit(tmp_path):
-  """A consumer that stops early and exits without closing: the process ends."""
+  """A consumer that stops early and exits without closing: the process ends, and the
+  prefetcher is closed at exit (its thread stops and closes the source) rather than
+  torn down inside the source's C++ code."""
   script = tmp_path / 'abandon.py'
   script.write_text(textwrap.dedent("""
       import numpy as np
       import tensorflow as tf
       from input_pipeline import pipeline
-      ds = tf.data.Dataset.range(10**9).map(
-          lambda i: {'x': tf.fill((1, 4), i)})  # endless tf.data source
-      it = pipeline.prefetch_to_device(ds, size=2)
+
+      class Source:  # an endless tf.data source that says when it is closed
+        def __init__(self):
+          self.it = iter(tf.data.Dataset.range(10**9).map(
+              lambda i: {'x': tf.fill((1, 4), i)}).as_numpy_iterator())
+        def __iter__(self):
+          return self
+        def __next__(self):
+          return next(self.it)
+        def close(self):
+          print('source closed', flush=True)
+
+      it = pipeline.prefetch_to_device(Source(), size=2)
       assert next(it)['x'].shape == (1, 4)
       print('consumed', flush=True)
   """))
@@ -440,7 +452,7 @@ def test_abandoned_prefetcher_does_not_hold_up_exit(tmp_path):
   done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                         timeout=120, env=env, check=False)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert 'consumed' in done.stdout
+  assert done.stdout.split() == ['consumed', 'source', 'closed']
 
 
 def test_augmented_global_batch_is_the_same_on_1_2_4_devices_and_2_processes(records):
