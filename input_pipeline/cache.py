@@ -7,7 +7,7 @@
   * 'device': every training image is decoded once, before the first step, into a
     uint8 array kept on each local device (`device_cache.fill_device_cache`), zero
     padded by `config.input.padding` on each side (`cached_image_shape`), so the
-    device augmentation crops straight out of it (`device_augment.augment_cached`);
+    device augmentation crops straight out of it (`device_cache.augment_cached`);
     the host ships only record indices, labels and augmentation positions. Each
     process decodes all N images for its own devices (any device's batch may hold any
     image), where the other modes decode only the process's share of each batch.

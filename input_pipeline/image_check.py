@@ -243,11 +243,22 @@ def eval_batches(batches: Iterable[Any], records: Sequence[Record], config: Any,
   Returns:
     An iterator of the batches (see `name_bad_images`).
   """
-  size = int(config.test.batch_size)
-  return name_bad_images(
-      batches, records, lambda i: range(i * size, min((i + 1) * size, len(records))),
-      lambda i: f'evaluation batch {i + 1} (images {i * size + 1}-'
-                f'{min((i + 1) * size, len(records))} of {len(records)})', load_image)
+  return _in_record_order(
+      batches, records, int(config.test.batch_size),
+      lambda i, first, last: f'evaluation batch {i + 1} (images {first}-{last} of '
+                             f'{len(records)})', load_image)
+
+
+def _in_record_order(batches: Iterable[Any], records: Sequence[Record], size: int,
+                     describe: Callable[[int, int, int], str],
+                     load_image: Optional[decode.LoadImageFn]) -> Iterator[Any]:
+  """`name_bad_images` for batches of `size` consecutive records (the last may be
+  shorter); describe(i, first, last) puts batch i, records first..last (counted from
+  1), in words."""
+  span = lambda i: range(i * size, min((i + 1) * size, len(records)))  # pylint: disable=unnecessary-lambda-assignment
+  return name_bad_images(batches, records, span,
+                         lambda i: describe(i, span(i).start + 1, span(i).stop),
+                         load_image)
 
 
 def image_chunks(records: Sequence[Record], image_size: Sequence[int],
@@ -266,8 +277,7 @@ def image_chunks(records: Sequence[Record], image_size: Sequence[int],
   """
   chunks = pipeline.create_image_chunks(records, image_size, chunk_size=chunk_size,
                                         load_image=load_image)
-  span = lambda i: range(i * chunk_size, min((i + 1) * chunk_size, len(records)))  # pylint: disable=unnecessary-lambda-assignment
-  return name_bad_images(
-      chunks.as_numpy_iterator(), records, span,
-      lambda i: (f'filling the device cache (training images {span(i).start + 1}-'
-                 f'{span(i).stop} of {len(records)})'), load_image)
+  return _in_record_order(
+      chunks.as_numpy_iterator(), records, chunk_size,
+      lambda i, first, last: (f'filling the device cache (training images {first}-'
+                              f'{last} of {len(records)})'), load_image)

@@ -12,6 +12,7 @@ from input_pipeline import device_augment
 from reid_jax import models
 from reid_jax import optim
 from reid_jax import precision
+from reid_jax import train
 from reid_jax import train_step as step_lib
 
 NUM_DEVICES = 4
@@ -263,10 +264,11 @@ def test_parallel_train_step_reads_the_device_cache_as_it_reads_the_images():
   config = _config('softmax_triplet', tiny=True)
   config.input.image_size = IMAGE_SIZE
   config.input.padding = 2
-  augment_config = device_augment.AugmentConfig.from_config(config.input)
-  p_train, _ = step_lib.make_parallel_steps(
-      step_lib.LossConfig.from_config(config), optim.create_lr_schedule(config, 10),
-      augment_config=augment_config, seed=7)
+  step_kwargs = dict(loss_config=step_lib.LossConfig.from_config(config),
+                     learning_rate_fn=optim.create_lr_schedule(config, 10),
+                     augment_config=device_augment.AugmentConfig.from_config(config.input),
+                     seed=7)
+  p_train, _ = step_lib.make_parallel_steps(**step_kwargs)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (10, *IMAGE_SIZE, 3), dtype=np.uint8)
   index = rng.integers(0, 10, P * K).astype(np.int32)
@@ -274,22 +276,14 @@ def test_parallel_train_step_reads_the_device_cache_as_it_reads_the_images():
           'position': np.arange(P * K, dtype=np.int32)}
   cache = step_lib.on_devices(np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0))))
   state = jax.device_get(_state(config))  # on the host: each run donates its own copy
-  step = functools.partial(
-      step_lib.train_step, loss_config=step_lib.LossConfig.from_config(config),
-      learning_rate_fn=optim.create_lr_schedule(config, 10), augment_config=augment_config,
-      seed=7)
-  metric_shapes = jax.eval_shape(
-      jax.vmap(step, in_axes=(None, 0), axis_name=step_lib.AXIS_NAME), state,
-      _shard(dict(plan, image=images[index]), NUM_DEVICES))[1]
+  acc = train.initial_metrics_acc(step_kwargs, state, config)  # as the loop builds it
   results = []
   for batch, image_cache in ((dict(plan, image=images[index]), None),
                              (dict(plan, index=index), cache)):
-    on_devices = step_lib.on_devices((state, step_lib.init_metrics_acc(metric_shapes)))
-    results.append(jax.device_get(
-        p_train(*on_devices, _shard(batch, NUM_DEVICES), image_cache)))
+    results.append(jax.device_get(p_train(*step_lib.on_devices((state, acc)),
+                                          _shard(batch, NUM_DEVICES), image_cache)))
   with pytest.raises(ValueError, match="no 'image'.*needs the cache as image_cache"):
-    p_train(*step_lib.on_devices((state, step_lib.init_metrics_acc(metric_shapes))),
-            _shard(dict(plan, index=index), NUM_DEVICES))
+    p_train(*step_lib.on_devices((state, acc)), _shard(dict(plan, index=index), NUM_DEVICES))
   (state_a, acc_a), (state_b, acc_b) = results
   assert int(acc_a['finite_steps']) == 1
   for x, y in zip(jax.tree.leaves((state_a.params, acc_a)),
